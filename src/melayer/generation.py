@@ -1,0 +1,228 @@
+"""Batched generation behind one call, so evaluation and CLI code never care which engine runs.
+
+``engine="hf"`` is plain ``model.generate``. ``engine="static"`` is a greedy loop over a static KV cache whose
+decode step is captured once in a CUDA graph on GPUs (plain ``generate`` is launch-bound there: ~1.2k new tok/s
+for a 135M model at batch 32) and runs eagerly elsewhere. Both return the same tokens, and forward hooks
+(WeMask, captures) registered before the call run inside the captured step, seeing correct absolute positions:
+the decode step feeds explicit position ids, a 4-D attention mask and (where the model takes one) a
+``cache_position`` built from device tensors that advance in place on every replay.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .adapters import adapter_for
+from .errors import MelayerError
+
+ENGINES = ("auto", "hf", "static")
+STATIC_ATTENTION = ("sdpa", "eager")
+# generation_config settings that make ``generate`` alter greedy logits; the static engine implements none of them
+_HF_ONLY_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+                     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                     "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None}
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    engine: str = "auto"  # "auto" | "hf" | "static"
+
+
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """All end-of-turn ids: the tokenizer's EOS plus the generation config's (chat models end turns differently)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if extra is not None:
+        ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+    return sorted(ids)
+
+
+def static_unsupported(model) -> Optional[str]:
+    """Why the static engine cannot reproduce ``generate`` for this model (None when it can)."""
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    decoder = adapter_for(model).decoder(model)
+    if len({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}) > 1:
+        return "a model spread over several devices"
+    attn = getattr(decoder.config, "_attn_implementation", None)
+    if attn not in STATIC_ATTENTION:
+        return f"attention implementation {attn!r} (static engine supports {', '.join(STATIC_ATTENTION)})"
+    probe = StaticCache(config=decoder.config, max_cache_len=1)
+    if any(type(layer) is not StaticLayer for layer in probe.layers):
+        return "sliding-window, chunked or linear attention layers"
+    gen = getattr(model, "generation_config", None)
+    for name, neutral in _HF_ONLY_SETTINGS.items():
+        if getattr(gen, name, neutral) not in (neutral, None):
+            return f"generation_config.{name}={getattr(gen, name)!r}"
+    return None
+
+
+def resolve_engine(model, config: GenerationConfig, device: torch.device) -> str:
+    """``auto`` is the static engine for greedy decoding on CUDA when the model allows it, else ``hf``."""
+    if config.engine not in ENGINES:
+        raise MelayerError(f"unknown generation engine {config.engine!r}; use one of {', '.join(ENGINES)}")
+    if config.engine == "auto":
+        if config.do_sample or device.type != "cuda" or static_unsupported(model) is not None:
+            return "hf"
+        return "static"
+    if config.engine == "static":
+        if config.do_sample:
+            raise MelayerError("the static generation engine is greedy only; use engine='hf' for sampling")
+        reason = static_unsupported(model)
+        if reason is not None:
+            raise MelayerError(f"the static generation engine does not support this model: {reason}")
+    return config.engine
+
+
+@torch.no_grad()
+def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+                   eos_token_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
+    """New tokens (B, T) for a left-padded batch; positions after a sequence's EOS hold ``pad_token_id``."""
+    if config.max_new_tokens < 1:
+        raise MelayerError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
+    if resolve_engine(model, config, input_ids.device) == "static":
+        return static_generate(model, input_ids, attention_mask, config.max_new_tokens, eos_token_ids,
+                               pad_token_id)[0]
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                  eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id)
+    if config.do_sample:
+        kwargs.update(temperature=config.temperature, top_p=config.top_p)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out[:, input_ids.shape[1]:]
+
+
+def _mask_builder(decoder, keys: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B,1,L,M) mask for query slots ``q`` (L,): a key is visible if it holds a real token at or before the query.
+
+    transformers passes a ready 4-D mask through untouched, so no mask code of the library runs (or syncs) inside
+    the captured step; sdpa takes it as bool, eager attention as an additive float mask (as transformers builds).
+    """
+    slots = torch.arange(keys.shape[1], device=keys.device)
+    additive = decoder.config._attn_implementation == "eager"
+
+    def build(q: torch.Tensor) -> torch.Tensor:
+        allowed = keys[:, None, None, :] & (slots[None, :] <= q[:, None])[None, None]
+        if not additive:
+            return allowed
+        return torch.zeros((), dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    return build
+
+
+@dataclass
+class StaticRunInfo:
+    """What the static engine did (for tests and benchmarks)."""
+
+    steps: int            # decode forwards run after the prefill
+    cuda_graph: bool      # whether the decode step ran as CUDA graph replays
+
+
+@torch.no_grad()
+def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                    eos_token_ids: Sequence[int], pad_token_id: int, *, cuda_graph: Optional[bool] = None,
+                    check_every: int = 16) -> tuple[torch.Tensor, StaticRunInfo]:
+    """Greedy decoding over a static KV cache: eager prefill, then one decode step replayed from a CUDA graph.
+
+    Returns exactly what ``generate`` returns (new tokens, pad after EOS, trimmed to the step where the last
+    sequence finished). ``cuda_graph`` None means "on CUDA tensors"; finished-ness is read back to the host
+    every ``check_every`` steps only, so the GPU never waits for the host in between.
+    """
+    from transformers.cache_utils import StaticCache
+
+    decoder = adapter_for(model).decoder(model)
+    params = inspect.signature(decoder.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    takes_cache_position = "cache_position" in params
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    total = max_new_tokens
+    # slots for the prompt and every fed-back token, rounded up so the mask rows stay 16-element aligned
+    max_len = -(-(prompt_len + total - 1) // 16) * 16
+    cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+
+    cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+    mask2d = attention_mask.to(device=device, dtype=torch.long)
+    keys = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    keys[:, :prompt_len] = mask2d.bool()
+    build_mask = _mask_builder(decoder, keys, next(model.parameters()).dtype)
+    eos = torch.tensor(sorted(set(int(i) for i in eos_token_ids)), dtype=torch.long, device=device)
+    out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
+
+    def forward(ids, position_ids, q_slots):
+        kwargs = {cache_kw: cache, "cache_position": q_slots} if takes_cache_position else {cache_kw: cache}
+        logits = model(input_ids=ids, attention_mask=build_mask(q_slots), position_ids=position_ids,
+                       use_cache=True, **kwargs, **extra).logits
+        return logits[:, -1].argmax(dim=-1)
+
+    prompt_slots = torch.arange(prompt_len, device=device)
+    positions = (mask2d.cumsum(-1) - 1).masked_fill(mask2d == 0, 0)
+    token = forward(input_ids, positions, prompt_slots)
+    out[:, 0] = token
+    done = torch.isin(token, eos)
+    # static state the decode step reads and advances in place (the same addresses on every graph replay)
+    tok = token[:, None].clone()
+    pos = mask2d.sum(-1, keepdim=True)
+    slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+    column = torch.ones(1, dtype=torch.long, device=device)
+    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+
+    def step():
+        keys.index_fill_(1, slot, True)
+        nxt = torch.where(done, pad, forward(tok, pos, slot))
+        out.index_copy_(1, column, nxt[:, None])
+        done.logical_or_(torch.isin(nxt, eos))
+        tok.copy_(nxt[:, None])
+        pos.add_(1)
+        slot.add_(1)
+        column.add_(1)
+
+    run = step
+    steps = 0
+    if cuda_graph and total > 1:
+        warm = min(2, total - 1)  # real decode steps on a side stream: lazy inits happen outside the capture
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warm):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        steps = warm
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        except RuntimeError as err:  # a hook that syncs with the host cannot be captured; stay exact, run eagerly
+            warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly", stacklevel=2)
+            cuda_graph = False
+    else:
+        cuda_graph = False
+    while steps < total - 1:
+        if steps % check_every == 0 and bool(done.all()):
+            break
+        run()
+        steps += 1
+
+    finished = torch.isin(out, eos)
+    first_eos = torch.where(finished.any(1), finished.int().argmax(1), torch.full_like(done, total, dtype=torch.long))
+    length = min(total, int(first_eos.max()) + 1)
+    return out[:, :length], StaticRunInfo(steps=steps, cuda_graph=cuda_graph)
