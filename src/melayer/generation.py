@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +22,7 @@ from .errors import MelayerError
 
 ENGINES = ("auto", "hf", "static")
 STATIC_ATTENTION = ("sdpa", "eager")
+CACHE_BUCKET = 128  # static cache lengths are multiples of this (mask rows stay aligned; caches get reused)
 # generation_config settings that make ``generate`` alter greedy logits; the static engine implements none of them
 _HF_ONLY_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -35,6 +37,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: Optional[int] = None
     engine: str = "auto"  # "auto" | "hf" | "static"
+    compile: bool = False  # static engine: torch.compile the decode forward (fewer kernels; compiles once per model)
 
 
 def eos_ids(tokenizer, model=None) -> list[int]:
@@ -94,7 +97,7 @@ def generate_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         raise MelayerError(f"max_new_tokens must be >= 1, got {config.max_new_tokens}")
     if resolve_engine(model, config, input_ids.device) == "static":
         return static_generate(model, input_ids, attention_mask, config.max_new_tokens, eos_token_ids,
-                               pad_token_id)[0]
+                               pad_token_id, compile=config.compile)[0]
     if config.seed is not None:
         torch.manual_seed(config.seed)
     kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
@@ -136,15 +139,15 @@ class StaticRunInfo:
 @torch.no_grad()
 def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                     eos_token_ids: Sequence[int], pad_token_id: int, *, cuda_graph: Optional[bool] = None,
-                    check_every: int = 16) -> tuple[torch.Tensor, StaticRunInfo]:
+                    compile: bool = False, check_every: int = 16) -> tuple[torch.Tensor, StaticRunInfo]:
     """Greedy decoding over a static KV cache: eager prefill, then one decode step replayed from a CUDA graph.
 
     Returns exactly what ``generate`` returns (new tokens, pad after EOS, trimmed to the step where the last
     sequence finished). ``cuda_graph`` None means "on CUDA tensors"; finished-ness is read back to the host
-    every ``check_every`` steps only, so the GPU never waits for the host in between.
+    every ``check_every`` steps only, so the GPU never waits for the host in between. ``compile`` runs the
+    decode forward through ``torch.compile`` (hooks are traced into it; the first call per model and hook set
+    pays the compilation), still inside the captured graph.
     """
-    from transformers.cache_utils import StaticCache
-
     decoder = adapter_for(model).decoder(model)
     params = inspect.signature(decoder.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -155,11 +158,11 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     total = max_new_tokens
-    # slots for the prompt and every fed-back token, rounded up so the mask rows stay 16-element aligned
-    max_len = -(-(prompt_len + total - 1) // 16) * 16
+    # slots for the prompt and every fed-back token, rounded up so that batches of similar lengths share a cache
+    max_len = -(-(prompt_len + total - 1) // CACHE_BUCKET) * CACHE_BUCKET
     cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
 
-    cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+    cache = _static_cache(model, decoder, batch, max_len, device)
     mask2d = attention_mask.to(device=device, dtype=torch.long)
     keys = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
     keys[:, :prompt_len] = mask2d.bool()
@@ -167,10 +170,10 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     eos = torch.tensor(sorted(set(int(i) for i in eos_token_ids)), dtype=torch.long, device=device)
     out = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
 
-    def forward(ids, position_ids, q_slots):
+    def forward(ids, position_ids, q_slots, fn=model):
         kwargs = {cache_kw: cache, "cache_position": q_slots} if takes_cache_position else {cache_kw: cache}
-        logits = model(input_ids=ids, attention_mask=build_mask(q_slots), position_ids=position_ids,
-                       use_cache=True, **kwargs, **extra).logits
+        logits = fn(input_ids=ids, attention_mask=build_mask(q_slots), position_ids=position_ids,
+                    use_cache=True, **kwargs, **extra).logits
         return logits[:, -1].argmax(dim=-1)
 
     prompt_slots = torch.arange(prompt_len, device=device)
@@ -184,12 +187,13 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
     column = torch.ones(1, dtype=torch.long, device=device)
     pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+    decode_fn = _compiled(model) if compile else model
 
     def step():
         keys.index_fill_(1, slot, True)
-        nxt = torch.where(done, pad, forward(tok, pos, slot))
+        nxt = torch.where(done, pad, forward(tok, pos, slot, decode_fn))
         out.index_copy_(1, column, nxt[:, None])
-        done.logical_or_(torch.isin(nxt, eos))
+        done.logical_or_((nxt[:, None] == eos).any(-1))
         tok.copy_(nxt[:, None])
         pos.add_(1)
         slot.add_(1)
@@ -208,8 +212,7 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         steps = warm
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                step()
+            _capture(graph, side, step)
             run = graph.replay
         except RuntimeError as err:  # a hook that syncs with the host cannot be captured; stay exact, run eagerly
             warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding eagerly", stacklevel=2)
@@ -226,3 +229,43 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     first_eos = torch.where(finished.any(1), finished.int().argmax(1), torch.full_like(done, total, dtype=torch.long))
     length = min(total, int(first_eos.max()) + 1)
     return out[:, :length], StaticRunInfo(steps=steps, cuda_graph=cuda_graph)
+
+
+def _capture(graph: "torch.cuda.CUDAGraph", stream: "torch.cuda.Stream", fn: Callable[[], None]) -> None:
+    """Record ``fn`` into ``graph`` on ``stream`` (unlike ``torch.cuda.graph``: no gc.collect or cache flush)."""
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            fn()
+        except BaseException:
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass  # the capture is already invalid; report the original error
+            raise
+        graph.capture_end()
+
+
+_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _static_cache(model, decoder, batch: int, max_len: int, device: torch.device):
+    """The model's last static cache, reset, when the shape matches (compiled code guards on its tensors)."""
+    from transformers.cache_utils import StaticCache
+
+    key = (batch, max_len, next(model.parameters()).dtype, device)
+    held = _CACHES.get(model)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1]
+    cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+    _CACHES[model] = (key, cache)
+    return cache
+
+
+def _compiled(model):
+    """One ``torch.compile`` wrapper per model, so its compiled code is reused across calls."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model)
+    return _COMPILED[model]

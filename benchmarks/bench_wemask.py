@@ -1,0 +1,190 @@
+"""WeMask overhead: greedy generation tokens/s without vs with WeMask, side by side in one run.
+
+Both settings run on the same model and the same left-padded batch, interleaved (off/on, then on/off,
+…) so that machine noise hits both alike; the medians and the overhead ratio (time with / time
+without) are printed and saved. Every run generates exactly --new-tokens tokens (EOS disabled).
+
+    python benchmarks/bench_wemask.py --model default --batch-sizes 1,8 --new-tokens 32 --me-layer 11
+    python benchmarks/bench_wemask.py --random-qwen3-4b --device cuda --batch-sizes 1,32 --new-tokens 128
+
+``--random-qwen3-4b`` builds a Qwen3-4B-shaped model (hidden 2560, 36 blocks, 32 heads, 8 KV heads,
+head_dim 128, FFN 9728, vocab 151936) with random bf16 weights directly on the device; it has no ME
+layer, so WeMask goes after --me-layer (default 6). Needs only torch, transformers and melayer.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from melayer.errors import MelayerError
+from melayer.generation import GenerationConfig, generate_batch, resolve_engine
+from melayer.io import atomic_write_json, atomic_write_text
+from melayer.report import console_table, markdown_table
+from melayer.wemask import WeMaskConfig, apply_wemask, parse_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about autumn.",
+    "What is 17 times 23? Show your work.",
+    "List three uses of a paperclip.",
+    "Summarise the plot of Romeo and Juliet.",
+    "Translate 'good morning' into French, Spanish and German.",
+    "Give me a tip for learning to play the guitar.",
+    "Why do cats purr?",
+]
+QWEN3_4B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                intermediate_size=9728, vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=True,
+                rms_norm_eps=1e-6)
+
+
+def random_qwen3_4b(device: str, seed: int):
+    """Qwen3-4B shape, random bf16 weights, built on ``device`` (no CPU-side 8 GB initialisation)."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen3Config(**QWEN3_4B)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def make_batch(args, model, tokenizer, batch: int, device):
+    if tokenizer is None:  # random model: random token ids, equal lengths
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt_tokens), generator=g)
+        return ids.to(device), torch.ones_like(ids).to(device)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], tokenize=False,
+                                           add_generation_prompt=True) for i in range(batch)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine: str) -> dict:
+    device = next(model.parameters()).device
+    ids, mask = make_batch(args, model, tokenizer, batch, device)
+    gen = GenerationConfig(max_new_tokens=args.new_tokens, engine=engine)
+
+    def run(masked: bool) -> tuple[float, torch.Tensor, int]:
+        h = apply_wemask(model, config) if masked else None
+        sync(device)
+        t0 = time.perf_counter()
+        out = generate_batch(model, ids, mask, gen, [], pad_token_id=0)
+        sync(device)
+        seconds = time.perf_counter() - t0
+        fired = 0
+        if h is not None:
+            fired = h.fired
+            h.remove()
+        return seconds, out, fired
+
+    for masked in (False, True):  # warm-up: kernels, allocator, lazy inits
+        run(masked)
+    times = {False: [], True: []}
+    outs, fired = {}, []
+    for rep in range(args.repeats):
+        for masked in ((False, True) if rep % 2 == 0 else (True, False)):
+            seconds, outs[masked], f = run(masked)
+            times[masked].append(seconds)
+            if masked:
+                fired.append(f)
+    tokens = batch * outs[False].shape[1]
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {
+        "batch": batch, "new_tokens": int(outs[False].shape[1]), "prompt_len": int(ids.shape[1]), "engine": engine,
+        "tok_per_s_without": tokens / off, "tok_per_s_with": tokens / on, "overhead": on / off,
+        "paired_overhead_median": statistics.median(b / a for a, b in zip(times[False], times[True])),
+        "seconds_without": times[False], "seconds_with": times[True],
+        "tokens_identical": bool(torch.equal(outs[False], outs[True])),
+        "masked_tokens_per_run": sorted(set(fired)),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="model spec for melayer.load_model (ignored with "
+                                                       "--random-qwen3-4b)")
+    p.add_argument("--random-qwen3-4b", action="store_true", help="random-weight Qwen3-4B-shaped model, bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="for --model (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the random model")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (interleaved; median)")
+    p.add_argument("--rate", type=float, default=0.01)
+    p.add_argument("--layers", default="after_me")
+    p.add_argument("--mode", choices=("correct", "paper"), default="correct")
+    p.add_argument("--me-layer", type=int, default=None,
+                   help="ME block (default: scan the model; 6 for --random-qwen3-4b)")
+    p.add_argument("--engines", default="auto", help="generation engines, comma-separated: auto, hf, static")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench_wemask.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results" / "bench_wemask.md")
+    args = p.parse_args(argv)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+        if args.random_qwen3_4b:
+            model, tokenizer, name = random_qwen3_4b(args.device, args.seed), None, "random Qwen3-4B shape (bf16)"
+            me_layer = 6 if args.me_layer is None else args.me_layer
+        else:
+            from melayer.load import load_model
+
+            model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+            name, me_layer = args.model, args.me_layer
+        model.generation_config.eos_token_id = None  # fixed-length runs: every token is timed work
+        config = WeMaskConfig(rate=args.rate, layers=parse_layers(args.layers), mode=args.mode, me_layer=me_layer)
+        device = next(model.parameters()).device
+        engines = [resolve_engine(model, GenerationConfig(engine=e), device) for e in args.engines.split(",")]
+        probe = apply_wemask(model, config, tokenizer=tokenizer)  # resolve the ME layer (maybe a scan) untimed
+        probe.remove()
+        config = probe.config
+    except (MelayerError, ValueError) as e:
+        print(f"bench_wemask: error: {e}", file=sys.stderr)
+        return 2
+
+    rows = [bench_batch(args, model, tokenizer, config, b, e) for e in engines for b in batch_sizes]
+    columns = ["batch", "new tokens", "engine", "tok/s without", "tok/s with", "overhead (x)", "paired (x)"]
+    table = [[r["batch"], r["new_tokens"], r["engine"], round(r["tok_per_s_without"], 1),
+              round(r["tok_per_s_with"], 1), round(r["overhead"], 4), round(r["paired_overhead_median"], 4)]
+             for r in rows]
+    console_table(f"WeMask overhead — {name} on {device}", columns, table)
+
+    command = "python benchmarks/bench_wemask.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    env = {"model": name, "device": str(device), "device_name": device_name, "dtype": str(next(model.parameters()).dtype),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_json(args.out, {"command": command, "env": env, "config": config, "repeats": args.repeats,
+                                 "results": rows})
+    section = (f"\n## {name} on {device} ({device_name}), {env['date']}\n\n```\n{command}\n```\n\n"
+               f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
+               f"{env['threads']} threads; WeMask {probe!r}; {args.repeats} interleaved repeats, "
+               f"medians. Overhead = median time with / median time without (paired = median of per-repeat "
+               f"ratios).\n\n"
+               + markdown_table(columns, table)
+               + f"\nSame tokens with and without WeMask: {[r['tokens_identical'] for r in rows]} "
+               f"(per batch size; WeMask is meant to change outputs). Masked tokens per run: "
+               f"{[r['masked_tokens_per_run'] for r in rows]}.\n")
+    previous = args.markdown.read_text(encoding="utf-8") if args.markdown.is_file() else (
+        "# WeMask overhead benchmark\n\nGreedy generation with vs without WeMask "
+        "(`benchmarks/bench_wemask.py`); target overhead ≤ 1.03×.\n")
+    atomic_write_text(args.markdown, previous + section)
+    print(f"wrote {args.out} and {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

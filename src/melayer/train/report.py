@@ -1,0 +1,45 @@
+"""The run report: config, WeMask activity, first/last logged metrics and the training curves."""
+from __future__ import annotations
+
+from ..report import markdown_table, new_figure, write_report
+
+CURVES = {"loss": "training loss", "reward": "mean reward"}
+
+
+def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in log_history if key in r and "step" in r]
+
+
+def summary(result) -> dict:
+    """First and last logged value of each curve, the run's length and how often the mask fired."""
+    out = {"steps": max((int(r.get("step", 0)) for r in result.log_history), default=0),
+           "wemask_fired": result.wemask_fired}
+    for key in CURVES:
+        series = _series(result.log_history, key)
+        if series:
+            out[f"{key}_first"], out[f"{key}_last"] = series[0][1], series[-1][1]
+    final = [r for r in result.log_history if "train_runtime" in r]
+    if final:
+        out["train_runtime_s"] = float(final[-1]["train_runtime"])
+    return out
+
+
+def write_train_report(result) -> None:
+    cfg = result.config
+    stats = summary(result)
+    figures = {}
+    for key, label in CURVES.items():
+        series = _series(result.log_history, key)
+        if series:
+            fig, ax = new_figure(figsize=(6, 3.5))
+            ax.plot(*zip(*series), marker=".")
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.set_title(f"{cfg.algo.upper()} {label} (WeMask rate {cfg.wemask.rate})")
+            figures[key] = fig
+    md = (f"# `melayer train {cfg.algo}` on {cfg.data}\n\n"
+          f"Model `{cfg.model}`, WeMask {cfg.wemask}, LoRA {cfg.lora}, seed {cfg.seed}.\n\n"
+          + markdown_table(["metric", "value"], stats.items())
+          + f"\nFinal model (loads with its WeMask via `melayer.load_model`): `{result.final_dir}`\n")
+    write_report(result.out, {"config": cfg.to_json(), "summary": stats, "log_history": result.log_history},
+                 md, figures, name="train_report")

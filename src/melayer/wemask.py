@@ -1,0 +1,421 @@
+"""WeMask: zero the top-k dims of the first token's attention input in the block(s) after the ME layer.
+
+Correct by construction: a forward pre-hook on each target block's attention module rewrites only
+that module's input (the pre-attention norm's output, γ included), so the residual stream and the
+FFN input stay untouched. The first token is found by absolute position (:class:`TokenContext`),
+so during cached decoding new tokens are never masked while the cached K/V of position 0 stay
+masked, and left-padded batches equal their unbatched sequences. ``mode="paper"`` reproduces the
+official code instead: index 0 of every chunk, one dim set per batch (top-k of the batch mean).
+The hooks are tensor-only (no host syncs) and out-of-place, so they work under torch.compile,
+in ``generate`` and in training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .errors import MelayerError
+
+LAYER_CHOICES = ("after_me", "from_after_me", "me")
+SCORES = ("activation", "gamma")
+MODES = ("correct", "paper")
+CONFIG_NAME = "wemask_config.json"  # == melayer.load.WEMASK_CONFIG_NAME
+
+
+@dataclass
+class WeMaskConfig:
+    """Which dims of the first token to mask, where, and how hard.
+
+    ``rate``: fraction of the hidden size masked (k = floor(rate x hidden)); ``layers``: "after_me",
+    "from_after_me", "me" or explicit 0-based block indices; ``score``: rank dims by |attention input|
+    ("activation") or by |γ| of the pre-attention norm ("gamma"); ``gamma``: masked dims are multiplied
+    by it (0 = hard zeroing, the paper); ``mode``: "correct" or "paper"; ``me_layer``: the ME block
+    (None: found by ``melayer.scan.find_me_layer``).
+    """
+
+    rate: float = 0.0
+    layers: Union[str, list[int]] = "after_me"
+    score: str = "activation"
+    gamma: float = 0.0
+    mode: str = "correct"
+    me_layer: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0.0 <= self.rate <= 1.0:
+            raise MelayerError(f"WeMask rate must be a number in [0, 1], got {self.rate!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
+            raise MelayerError(f"WeMask gamma must be a number in [0, 1], got {self.gamma!r}")
+        if self.score not in SCORES:
+            raise MelayerError(f"WeMask score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.mode not in MODES:
+            raise MelayerError(f"WeMask mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.me_layer is not None and (not _is_int(self.me_layer) or self.me_layer < 0):
+            raise MelayerError(f"WeMask me_layer must be a non-negative integer, got {self.me_layer!r}")
+        if isinstance(self.layers, str):
+            if self.layers not in LAYER_CHOICES:
+                raise MelayerError(f"WeMask layers must be {', '.join(LAYER_CHOICES)} or a list of block indices, "
+                                   f"got {self.layers!r}")
+        elif isinstance(self.layers, (list, tuple)):
+            if not self.layers or not all(_is_int(i) and i >= 0 for i in self.layers):
+                raise MelayerError(f"WeMask layers must be a non-empty list of non-negative block indices, "
+                                   f"got {list(self.layers)!r}")
+            self.layers = sorted(set(int(i) for i in self.layers))
+        else:
+            raise MelayerError(f"WeMask layers must be a string or a list of block indices, got {self.layers!r}")
+
+    def k(self, hidden_size: int) -> int:
+        """Number of masked dims (floor, like the paper); 0 means WeMask is a no-op."""
+        return int(math.floor(self.rate * hidden_size + 1e-9))
+
+    @property
+    def is_resolved(self) -> bool:
+        return not isinstance(self.layers, str)
+
+    def resolve_layers(self, num_layers: int, me_layer: Optional[int] = None) -> list[int]:
+        """The 0-based target blocks for a model with ``num_layers`` blocks and the given ME block."""
+        if isinstance(self.layers, str):
+            me = self.me_layer if me_layer is None else me_layer
+            if me is None:
+                raise MelayerError(f"WeMask layers={self.layers!r} needs the ME layer; pass me_layer")
+            if not 0 <= me < num_layers:
+                raise MelayerError(f"ME layer {me} is outside the model's {num_layers} blocks")
+            if self.layers == "me":
+                return [me]
+            if me + 1 >= num_layers:
+                raise MelayerError(f"the ME layer {me} is the last block: there is no block after it to mask")
+            return [me + 1] if self.layers == "after_me" else list(range(me + 1, num_layers))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise MelayerError(f"WeMask layers {bad} are outside the model's {num_layers} blocks (0-based)")
+        return list(self.layers)
+
+    def resolved(self, model, tokenizer=None) -> "WeMaskConfig":
+        """A copy with explicit layers (and the ME layer found once), so a reload never re-scans."""
+        if self.is_resolved:
+            return dataclasses.replace(self)
+        from .adapters import adapter_for
+
+        me = self.me_layer if self.me_layer is not None else _find_me_layer(model, tokenizer)
+        layers = self.resolve_layers(len(adapter_for(model).layers(model)), me)
+        return dataclasses.replace(self, layers=layers, me_layer=me)
+
+    def save(self, directory, model=None, tokenizer=None) -> Path:
+        """Write ``directory/wemask_config.json`` atomically, with layers resolved (``model`` resolves them)."""
+        from .io import atomic_write_json
+
+        cfg = self
+        if not self.is_resolved and self.rate > 0:
+            if model is None:
+                raise MelayerError("save a resolved WeMask config: use handle.config.save(dir) or pass model=")
+            cfg = self.resolved(model, tokenizer)
+        return atomic_write_json(Path(directory) / CONFIG_NAME, dataclasses.asdict(cfg))
+
+    @classmethod
+    def load(cls, path) -> "WeMaskConfig":
+        """Read a saved config from its JSON file or from the folder holding it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise MelayerError(f"cannot read WeMask config {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise MelayerError(f"WeMask config {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) - fields:
+            extra = sorted(set(data) - fields) if isinstance(data, dict) else data
+            raise MelayerError(f"WeMask config {path} has unknown fields: {extra}")
+        return cls(**data)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _find_me_layer(model, tokenizer) -> int:
+    try:
+        from .scan import find_me_layer
+    except ImportError:
+        raise MelayerError("the ME layer is unknown and melayer.scan is unavailable: pass me_layer=") from None
+    return int(find_me_layer(model, tokenizer))
+
+
+class WeMaskHandle:
+    """The hooks of one applied WeMask: ``remove()`` restores the model exactly."""
+
+    def __init__(self, config: WeMaskConfig, layers: list[int], k: int, hooks, counters: dict[int, torch.Tensor]):
+        self.config = config
+        self.layers = layers
+        self.k = k
+        self._hooks = hooks
+        self._counters = counters
+
+    @property
+    def fired(self) -> int:
+        """Tokens masked so far, summed over target blocks (reading it syncs the device; the hooks never do)."""
+        return int(sum(int(c.item()) for c in self._counters.values()))
+
+    def fired_per_layer(self) -> dict[int, int]:
+        return {i: int(c.item()) for i, c in self._counters.items()}
+
+    def reset(self) -> None:
+        for c in self._counters.values():
+            c.zero_()
+
+    def remove(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+
+    def __enter__(self) -> "WeMaskHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"WeMaskHandle(rate={c.rate}, k={self.k}, layers={self.layers}, mode={c.mode!r}, "
+                f"score={c.score!r}, gamma={c.gamma})")
+
+
+def _attn_input(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _replace_input(args, kwargs, x):
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": x}
+    return (x, *args[1:]), kwargs
+
+
+def _apply(x: torch.Tensor, where: torch.Tensor, gamma: float) -> torch.Tensor:
+    """x with the selected entries multiplied by gamma (hard zero for 0); out-of-place for autograd."""
+    return x.masked_fill(where, 0.0) if gamma == 0 else torch.where(where, x * gamma, x)
+
+
+def _dim_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries along the last dim."""
+    idx = score.topk(k, dim=-1).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, idx, True)
+
+
+def _correct_hook(ctx, k: int, gamma: float, gain_fn, counter: torch.Tensor):
+    def hook(module, args, kwargs):
+        x = _attn_input(args, kwargs)
+        sel = ctx.first_token()  # (B, L): each sequence's first real token, if in this chunk
+        if gain_fn is not None:
+            score = gain_fn().to(x.device).abs().expand(x.shape[0], -1)
+        else:
+            row = sel.int().argmax(dim=1)  # chunk index of the first token (0 when absent: unused)
+            x0 = x.gather(1, row.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+            score = x0.float().abs()
+        where = sel.unsqueeze(-1) & _dim_mask(score, k).unsqueeze(1)
+        counter.add_(sel.sum())
+        return _replace_input(args, kwargs, _apply(x, where, gamma))
+
+    return hook
+
+
+def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor):
+    def hook(module, args, kwargs):
+        x = _attn_input(args, kwargs)
+        # the official code ranks in the model's dtype: so do we, to pick the very same dims
+        score = gain_fn().to(x.device).abs() if gain_fn is not None else x[:, 0, :].abs().mean(dim=0)
+        chunk0 = torch.arange(x.shape[1], device=x.device) == 0
+        where = chunk0.view(1, -1, 1) & _dim_mask(score, k).view(1, 1, -1)
+        counter.add_(x.shape[0])
+        return _replace_input(args, kwargs, _apply(x, where, gamma))
+
+    return hook
+
+
+def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, **fields) -> WeMaskHandle:
+    """Register WeMask on ``model`` (a transformers or PEFT model); ``handle.remove()`` undoes it.
+
+    A config whose k is 0 (rate 0) registers nothing, so the model stays bit-identical.
+    """
+    from .adapters import adapter_for
+    from .hooks import HookGroup, TokenContext
+
+    if config is None:
+        config = WeMaskConfig(**fields)
+    elif fields:
+        config = dataclasses.replace(config, **fields)
+    config.validate()
+    adapter = adapter_for(model)
+    blocks = adapter.layers(model)
+    hidden = _hidden_size(model)
+    k = config.k(hidden)
+    if k == 0:
+        return WeMaskHandle(config, [], 0, None, {})
+    if config.score == "gamma" and adapter.attn_norm is None:
+        raise MelayerError(f"score='gamma' needs a pre-attention norm; the {adapter.family} family has none "
+                           f"(its attention reads the raw residual): use score='activation'")
+    config = config.resolved(model, tokenizer)
+    layers = config.resolve_layers(len(blocks))
+    hooks = HookGroup()
+    ctx = TokenContext(model, hooks) if config.mode == "correct" else None
+    counters: dict[int, torch.Tensor] = {}
+    with torch.inference_mode(False):
+        for i in layers:
+            block = blocks[i]
+            device = next(block.parameters()).device
+            counters[i] = torch.zeros((), dtype=torch.long, device=device)
+            gain_fn = None
+            if config.score == "gamma":
+                norm = adapter.get(block, adapter.attn_norm)
+                gain_fn = (lambda n=norm: adapter.norm_gain(n))
+            if config.mode == "correct":
+                fn = _correct_hook(ctx, k, config.gamma, gain_fn, counters[i])
+            else:
+                fn = _paper_hook(k, config.gamma, gain_fn, counters[i])
+            hooks.pre(adapter.attn_module(block), fn, with_kwargs=True)
+    return WeMaskHandle(config, layers, k, hooks, counters)
+
+
+def _hidden_size(model) -> int:
+    from .adapters import base_model
+
+    config = base_model(model).config
+    config = getattr(config, "get_text_config", lambda: config)()
+    return int(config.hidden_size)
+
+
+class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.01) as h:``
+    """Context manager: WeMask applied inside the ``with`` block, removed on exit.
+
+    ``wemask(model, 0.01)`` (a rate), ``wemask(model, config)`` or ``wemask(model, rate=..., layers=...)``.
+    """
+
+    def __init__(self, model, config_or_rate: Union[WeMaskConfig, float, None] = None, tokenizer=None, **fields):
+        if isinstance(config_or_rate, WeMaskConfig):
+            config = dataclasses.replace(config_or_rate, **fields) if fields else config_or_rate
+        elif config_or_rate is None:
+            config = WeMaskConfig(**fields)
+        else:
+            config = WeMaskConfig(rate=config_or_rate, **fields)
+        self._args = (model, config, tokenizer)
+        self.handle: Optional[WeMaskHandle] = None
+
+    def __enter__(self) -> WeMaskHandle:
+        self.handle = apply_wemask(*self._args)
+        return self.handle
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+# -- CLI ------------------------------------------------------------------------------------------------
+
+def parse_layers(text: str) -> Union[str, list[int]]:
+    """--wemask-layers: after_me, from_after_me, me, or comma-separated 0-based block indices."""
+    text = text.strip()
+    if text in LAYER_CHOICES:
+        return text
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise MelayerError(f"--wemask-layers must be {', '.join(LAYER_CHOICES)} or comma-separated integers, "
+                           f"got {text!r}") from None
+
+
+def register_cli(sub) -> None:
+    from .cli import model_argument
+
+    p = sub.add_parser("generate", help="generate text, optionally with WeMask (--compare: with vs without)")
+    model_argument(p)
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="prompt text (repeat for a batch)")
+    p.add_argument("--wemask-rate", type=float, default=None, metavar="R",
+                   help="fraction of hidden dims masked at the first token (e.g. 0.01); default: no WeMask "
+                        "(or the mask saved with the model)")
+    p.add_argument("--wemask-layers", default="after_me", metavar="L",
+                   help="after_me (default), from_after_me, me, or comma-separated 0-based block indices")
+    p.add_argument("--wemask-mode", choices=MODES, default="correct")
+    p.add_argument("--wemask-score", choices=SCORES, default="activation")
+    p.add_argument("--wemask-gamma", type=float, default=0.0, metavar="G",
+                   help="masked dims are multiplied by G (0: zeroed, the paper)")
+    p.add_argument("--me-layer", type=int, default=None, help="ME block (default: found by a scan)")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--compare", action="store_true", help="print outputs without and with WeMask side by side")
+    p.set_defaults(handler=generate_command)
+
+
+def _cli_config(args, saved: Optional[WeMaskConfig]) -> Optional[WeMaskConfig]:
+    if args.wemask_rate is None:
+        return saved
+    return WeMaskConfig(rate=args.wemask_rate, layers=parse_layers(args.wemask_layers), score=args.wemask_score,
+                        gamma=args.wemask_gamma, mode=args.wemask_mode, me_layer=args.me_layer)
+
+
+def generate_command(args) -> int:
+    from .generation import GenerationConfig, eos_ids, generate_batch
+    from .load import load_model
+    from .report import console_table
+
+    if args.max_new_tokens < 1:
+        raise MelayerError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.wemask_rate is None and args.me_layer is not None:
+        raise MelayerError("--me-layer needs --wemask-rate")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    saved = getattr(model, "melayer_wemask", None)
+    if saved is not None:  # the CLI decides what is applied: start from the bare model
+        saved.remove()
+    config = _cli_config(args, saved.config if saved is not None else None)
+    if args.compare and config is None:
+        raise MelayerError("--compare needs --wemask-rate (or a model saved with a WeMask config)")
+
+    texts = args.prompt
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MelayerError("--chat: this tokenizer has no chat template")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    device = next(model.parameters()).device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    eos = eos_ids(tokenizer, model)
+
+    def run() -> list[str]:
+        out = generate_batch(model, ids, mask, gen, eos, tokenizer.pad_token_id)
+        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+
+    plain = run() if (args.compare or config is None) else None
+    masked = None
+    if config is not None:
+        with wemask(model, config, tokenizer=tokenizer) as handle:
+            masked = run()
+    if args.compare:
+        title = f"WeMask {handle!r}"
+        console_table(title, ["prompt", "without WeMask", "with WeMask"], zip(args.prompt, plain, masked))
+    else:
+        for text in (masked if masked is not None else plain):
+            print(text)
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule binds ``melayer.wemask`` to the module, shadowing the lazily exported
+    context manager; making the module callable keeps ``with melayer.wemask(model, ...)`` working."""
+
+    def __call__(self, *args, **kwargs) -> wemask:
+        return wemask(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,100 @@
+"""The lm-eval `melayer` model on a task with local data: its log-likelihoods equal our own computation, with
+and without WeMask, through the Python API and through the command line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from _eval_util import byte_tokenizer
+from conftest import make_tiny
+from melayer.evaluate.runner import continuation_logliks
+
+QUESTIONS = [
+    {"question": "2 + 2 =", "choices": ["4", "5", "22"], "answer": 0},
+    {"question": "The sky is", "choices": ["green", "blue"], "answer": 1},
+    {"question": "Ducks lay", "choices": ["eggs", "bricks", "songs", "clouds"], "answer": 0},
+]
+
+TASK_YAML = """task: melayer_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    model, tok = make_tiny("llama"), byte_tokenizer()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "tasks").mkdir()
+    (root / "data.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (root / "tasks" / "tiny_mc.yaml").write_text(TASK_YAML.format(data=root / "data.jsonl"))
+    return root, model, tok
+
+
+def _ours(model, tok, rate: float) -> list[list[float]]:
+    from melayer.wemask import wemask
+
+    ctx = [tok(f"{q['question']}\nAnswer:")["input_ids"] for q in QUESTIONS]
+    conts = [[tok(" " + c)["input_ids"] for c in q["choices"]] for q in QUESTIONS]
+    if rate == 0:
+        return continuation_logliks(model, ctx, conts, pad=0)
+    with wemask(model, rate=rate, me_layer=1):
+        return continuation_logliks(model, ctx, conts, pad=0)
+
+
+def _harness(root, rate: float) -> list[list[float]]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import melayer.evaluate.lm_eval_model  # noqa: F401  (registers "melayer")
+
+    res = lm_eval.simple_evaluate(model="melayer", model_args={"pretrained": str(root / "model"), "device": "cpu",
+                                                               "wemask_rate": rate, "wemask_me_layer": 1},
+                                  tasks=["melayer_tiny_mc"], task_manager=TaskManager(include_path=str(root / "tasks")),
+                                  log_samples=True, batch_size=2)
+    samples = sorted(res["samples"]["melayer_tiny_mc"], key=lambda s: s["doc_id"])
+    return [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+
+
+def test_melayer_model_matches_our_logliks_without_wemask(setup, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root, model, tok = setup
+    got, ref = _harness(root, 0.0), _ours(model, tok, 0.0)
+    assert len(got) == len(ref) == 3
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, abs=1e-4)
+
+
+def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path):
+    root, model, tok = setup
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "melayer.evaluate.lm_eval_model", "--model", "melayer", "--model_args",
+           f"pretrained={root / 'model'},wemask_rate=0.1,wemask_me_layer=1", "--device", "cpu",
+           "--tasks", "melayer_tiny_mc", "--include_path", str(root / "tasks"), "--output_path", str(tmp_path),
+           "--log_samples"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = list(tmp_path.rglob("results_*.json"))
+    samples = list(tmp_path.rglob("samples_melayer_tiny_mc_*.jsonl"))
+    assert len(results) == len(samples) == 1
+    assert "melayer_tiny_mc" in json.loads(results[0].read_text())["results"]
+    rows = sorted((json.loads(line) for line in samples[0].read_text().splitlines()), key=lambda r: r["doc_id"])
+    got = [[float(r[0]) for r in row["filtered_resps"]] for row in rows]
+    masked, plain = _ours(model, tok, 0.1), _ours(model, tok, 0.0)
+    for g, r in zip(got, masked):
+        assert g == pytest.approx(r, abs=1e-4)
+    assert masked != plain  # so the match above proves WeMask reached the harness's forward passes
