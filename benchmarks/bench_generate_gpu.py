@@ -77,7 +77,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed static-engine runs (median); hf runs once")
+    p.add_argument("--repeats", type=int, default=3, help="timed static-engine runs (median)")
+    p.add_argument("--hf-repeats", type=int, default=2, help="timed plain-generate runs (median)")
+    p.add_argument("--compile", action="store_true", help="also time the static engine with torch.compile")
+    p.add_argument("--cost-split", action=argparse.BooleanOptionalAction, default=True,
+                   help="time two lengths with EOS disabled to split fixed and per-step cost")
     p.add_argument("--wemask-rate", type=float, default=0.0, help="also run both engines with WeMask at this rate")
     p.add_argument("--me-layer", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("out/bench_generate_gpu"))
@@ -91,48 +95,70 @@ def main(argv=None) -> int:
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     eos, pad = eos_ids(tok, model), tok.pad_token_id
 
-    def hf(n):
-        return generate_batch(model, ids, mask, GenerationConfig(max_new_tokens=n, engine="hf"), eos, pad)
+    def hf(n, stop=eos):
+        return generate_batch(model, ids, mask, GenerationConfig(max_new_tokens=n, engine="hf"), stop, pad)
 
-    def static(n):
-        return static_generate(model, ids, mask, n, eos, pad)
+    def static(n, stop=eos, compiled=False):
+        return static_generate(model, ids, mask, n, stop, pad, compile=compiled)
 
     settings = [("plain", None)]
     if args.wemask_rate > 0:
         settings.append((f"wemask {args.wemask_rate}", dict(rate=args.wemask_rate, me_layer=args.me_layer)))
-    results = []
+    engines = ["static", "static+compile"] if args.compile else ["static"]
+    results, costs = [], []
     for label, wm in settings:
         handle = None
         if wm is not None:
             from melayer.wemask import apply_wemask
 
             handle = apply_wemask(model, tokenizer=tok, **wm)
-        hf(8), static(8)  # warm-up: kernels, cuBLAS handles, allocator
-        hf_out, hf_s, _ = timed(lambda: hf(args.max_new_tokens), device, 1)
-        (st_out, info), st_s, st_all = timed(lambda: static(args.max_new_tokens), device, args.repeats)
+        hf(8)  # warm-up: kernels, cuBLAS handles, allocator
+        hf_out, hf_s, hf_all = timed(lambda: hf(args.max_new_tokens), device, args.hf_repeats)
+        n_hf = useful_tokens(hf_out, eos)
+        for engine in engines:
+            compiled = engine.endswith("compile")
+            t0 = time.perf_counter()
+            static(args.max_new_tokens, compiled=compiled)  # warm-up at full length (compiles, allocates the cache)
+            warm_s = time.perf_counter() - t0
+            (st_out, info), st_s, st_all = timed(lambda: static(args.max_new_tokens, compiled=compiled), device,
+                                                 args.repeats)
+            n_st = useful_tokens(st_out, eos)
+            row = {"setting": label, "engine": engine, "hf_s": hf_s, "hf_runs_s": hf_all, "static_s": st_s,
+                   "static_runs_s": st_all, "warmup_s": warm_s, "hf_new_tok_per_s": n_hf / hf_s,
+                   "static_new_tok_per_s": n_st / st_s, "hf_steps": hf_out.shape[1], "static_steps": st_out.shape[1],
+                   "speedup": (n_st / st_s) / (n_hf / hf_s), "cuda_graph": info.cuda_graph,
+                   **agreement(hf_out, st_out, pad, eos)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if wm is None and args.cost_split:  # fixed cost per call and cost per decode step, from two lengths with EOS disabled
+                short, long_ = max(1, args.max_new_tokens // 4), args.max_new_tokens
+                _, t_short, _ = timed(lambda: static(short, [], compiled), device, args.repeats)
+                _, t_long, _ = timed(lambda: static(long_, [], compiled), device, args.repeats)
+                per_step = (t_long - t_short) / (long_ - short)
+                costs.append({"engine": engine, "ms_per_step": 1e3 * per_step,
+                              "fixed_ms": 1e3 * (t_short - (short - 1) * per_step),
+                              "steps_per_s": 1 / per_step, "tok_per_s_at_batch": args.batch / per_step})
+                print(json.dumps(costs[-1]), flush=True)
         if handle is not None:
             handle.remove()
-        n_hf, n_st = useful_tokens(hf_out, eos), useful_tokens(st_out, eos)
-        row = {"setting": label, "hf_s": hf_s, "static_s": st_s, "static_runs_s": st_all,
-               "hf_new_tok_per_s": n_hf / hf_s, "static_new_tok_per_s": n_st / st_s,
-               "hf_steps": hf_out.shape[1], "static_steps": st_out.shape[1],
-               "speedup": (n_st / st_s) / (n_hf / hf_s), "cuda_graph": info.cuda_graph,
-               **agreement(hf_out, st_out, pad, eos)}
-        results.append(row)
 
-    columns = ["setting", "hf tok/s", "static tok/s", "speed-up", "token match", "identical rows", "graph"]
-    rows = [[r["setting"], round(r["hf_new_tok_per_s"]), round(r["static_new_tok_per_s"]), f"{r['speedup']:.1f}x",
-             f"{100 * r['token_match_rate']:.2f}%", f"{r['rows_identical']}/{r['rows']}", r["cuda_graph"]]
-            for r in results]
+    columns = ["setting", "engine", "hf tok/s", "static tok/s", "speed-up", "token match", "identical rows", "graph"]
+    rows = [[r["setting"], r["engine"], round(r["hf_new_tok_per_s"]), round(r["static_new_tok_per_s"]),
+             f"{r['speedup']:.1f}x", f"{100 * r['token_match_rate']:.2f}%", f"{r['rows_identical']}/{r['rows']}",
+             r["cuda_graph"]] for r in results]
+    cost_columns = ["engine", "ms / decode step", "fixed ms / call", "tok/s (decode only)"]
+    cost_rows = [[c["engine"], round(c["ms_per_step"], 2), round(c["fixed_ms"]), round(c["tok_per_s_at_batch"])]
+                 for c in costs]
     env = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": __import__("transformers").__version__, "model": args.model, "dtype": args.dtype,
            "batch": args.batch, "max_new_tokens": args.max_new_tokens, "prompt_len": ids.shape[1],
            "argv": sys.argv}
     console_table(f"greedy generation, batch {args.batch}, {args.max_new_tokens} new tokens, {env['gpu']}",
                   columns, rows)
-    write_report(args.out, {"env": env, "results": results},
-                 "# bench_generate_gpu\n\n" + markdown_table(columns, rows) + "\n```\n" + json.dumps(env) + "\n```\n")
-    print(json.dumps({"env": env, "results": results}))
+    console_table("static engine cost split (EOS disabled)", cost_columns, cost_rows)
+    write_report(args.out, {"env": env, "results": results, "costs": costs},
+                 "# bench_generate_gpu\n\n" + markdown_table(columns, rows) + "\n" + markdown_table(cost_columns, cost_rows)
+                 + "\n```\n" + json.dumps(env) + "\n```\n")
     return 0
 
 

@@ -28,7 +28,7 @@ import transformers
 from melayer.errors import MelayerError
 from melayer.generation import GenerationConfig, generate_batch, resolve_engine
 from melayer.io import atomic_write_json, atomic_write_text
-from melayer.report import console_table, markdown_table
+from melayer.report import console_table, markdown_table, progress
 from melayer.wemask import WeMaskConfig, apply_wemask, parse_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine
         run(masked)
     times = {False: [], True: []}
     outs, fired = {}, []
-    for rep in range(args.repeats):
+    for rep in progress(range(args.repeats), desc=f"{engine} batch {batch}"):
         for masked in ((False, True) if rep % 2 == 0 else (True, False)):
             seconds, outs[masked], f = run(masked)
             times[masked].append(seconds)
@@ -129,10 +129,14 @@ def main(argv=None) -> int:
     p.add_argument("--me-layer", type=int, default=None,
                    help="ME block (default: scan the model; 6 for --random-qwen3-4b)")
     p.add_argument("--engines", default="auto", help="generation engines, comma-separated: auto, hf, static")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (1 avoids spin-wait slowdowns on a busy machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench_wemask.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results" / "bench_wemask.md")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 

@@ -81,8 +81,10 @@ def test_static_stops_early_and_pads_after_eos(device):
     eos = sorted({int(ref[0, 3]), int(ref[1, 9])})  # every row ends by step 9, at different steps
     hf = run(model, ids, mask, "hf", max_new=64, eos=eos)
     out, info = static_generate(model, ids.to(device), mask.to(device), 64, eos, PAD, check_every=4)
+    again, _ = static_generate(model, ids.to(device), mask.to(device), 64, eos, PAD)  # reuses the reset cache
     assert hf.shape[1] <= 10, "no early stop in the reference"
     assert torch.equal(out.cpu(), hf)
+    assert torch.equal(again.cpu(), hf)
     assert info.steps < 63  # the loop itself stopped once every row was done
     assert info.cuda_graph == (device == "cuda")
 
@@ -192,3 +194,23 @@ def test_host_syncing_hook_falls_back_to_eager_decode():
             out, info = static_generate(model, ids.cuda(), mask.cuda(), 12, [2], PAD)
     assert not info.cuda_graph
     assert torch.equal(out.cpu(), hf)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decode is a GPU feature (slow to compile on CPU)")
+def test_compiled_decode_follows_hooks_added_and_removed_after_compiling():
+    model = make_tiny("llama").to("cuda")
+    ids, mask = left_padded([8, 2, 5])
+    plain = run(model, ids, mask, "hf", max_new=20)
+
+    def compiled():
+        out, info = static_generate(model, ids.cuda(), mask.cuda(), 20, [2], PAD, compile=True)
+        assert info.cuda_graph
+        return out.cpu()
+
+    assert torch.equal(compiled(), plain)
+    with position_hook(model):  # registered after the first compilation: must not be ignored
+        hf = run(model, ids, mask, "hf", max_new=20)
+        assert not torch.equal(hf, plain)
+        assert torch.equal(compiled(), hf)
+        assert torch.equal(compiled(), hf)  # reuses the compiled code and the cache
+    assert torch.equal(compiled(), plain)  # removed: must not linger in the compiled code

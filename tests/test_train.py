@@ -18,8 +18,9 @@ from melayer import load_model  # noqa: E402
 from melayer.adapters import adapter_for  # noqa: E402
 from melayer.errors import MelayerError  # noqa: E402
 from melayer.train import TrainConfig, train  # noqa: E402
-from melayer.train.data import (correctness_reward, final_answer, format_reward, gold_number,  # noqa: E402
-                                has_answer_format, load_gsm8k, sft_rows)
+from melayer.evaluate.tasks import GSM8K  # noqa: E402
+from melayer.train.data import (correctness_reward, format_reward, grpo_rows, has_answer_format,  # noqa: E402
+                                load_gsm8k, sft_rows)
 from melayer.wemask import WeMaskConfig, apply_wemask  # noqa: E402
 
 RATE = 0.1  # tiny hidden 64 -> k = 6 masked dims
@@ -28,33 +29,36 @@ TINY_TARGET = TINY_ME_LAYER + 1
 
 # -- data and rewards ------------------------------------------------------------------------------
 
-def test_gsm8k_rows_and_gold(data_dir):
+def test_gsm8k_rows_prompts_and_targets(data_dir):
     rows = load_gsm8k("train", str(data_dir))
     assert len(rows) == 7473  # MANIFEST.md
-    assert gold_number(rows[0]["answer"]) == "72"  # Natalia's clips
-    target = sft_rows(rows[:1])[0]["completion"][0]["content"]
-    assert "<<" not in target and target.endswith("#### 72")
+    row = sft_rows(rows[:1])[0]
+    assert row["prompt"][0]["content"] == GSM8K().prompt(rows[0])  # trained on what `melayer eval` asks
+    target = row["completion"][0]["content"]
+    assert "<<" not in target and "####" not in target
+    assert target.endswith("The final answer is \\boxed{72}.")  # Natalia's clips
+    assert grpo_rows(rows[:1])[0]["gold"] == "72"
     with pytest.raises(MelayerError):
         load_gsm8k("train", str(data_dir / "nowhere"))
 
 
-@pytest.mark.parametrize("text, answer, formatted", [
-    ("3 + 4 = 7\n#### 7", "7", True),
-    ("so the total is \\boxed{1,250}.", "1250", True),
-    ("It costs $18.00 in total", "18", False),  # right number, not in the asked format
-    ("#### 5\nActually 6", "5", False),  # a stated '#### N' beats later numbers; but not on the last line
-    ("no number here", None, False),
+@pytest.mark.parametrize("text, formatted", [
+    ("3 + 4 = 7\n#### 7", True),
+    ("so the total is \\boxed{1,250}.", True),
+    ("It costs $18.00 in total", False),
+    ("#### 5\nActually 6", False),  # the marker must be on the last line
+    ("\\boxed{x + 1}", False),  # not a number
 ])
-def test_answer_extraction_and_format(text, answer, formatted):
-    assert final_answer(text) == answer
+def test_answer_format(text, formatted):
     assert has_answer_format(text) is formatted
 
 
 def test_rewards_on_conversational_completions():
-    completions = [[{"role": "assistant", "content": c}] for c in ("x\n#### 18", "#### 17", "18 apples")]
-    gold = ["18", "18", "18"]
-    assert correctness_reward(None, completions, gold) == [1.0, 0.0, 1.0]
-    assert format_reward(None, completions) == [1.0, 1.0, 0.0]
+    texts = ("so \\boxed{18}", "x\n#### 17", "18 apples", "1,8 or \\boxed{18.0}")
+    completions = [[{"role": "assistant", "content": c}] for c in texts]
+    gold = ["18"] * len(texts)
+    assert correctness_reward(None, completions, gold) == [1.0, 0.0, 1.0, 1.0]
+    assert format_reward(None, completions) == [1.0, 1.0, 0.0, 1.0]
 
 
 def test_baseline_differs_only_in_mask_rate():
@@ -235,16 +239,18 @@ def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, data
 
 @pytest.mark.real
 def test_sft_steps_lower_the_loss_of_the_default_model(tmp_path, data_dir):
+    rows = sorted(load_gsm8k("train", str(data_dir)), key=lambda r: len(r["question"]) + len(r["answer"]))[:2]
+    (tmp_path / "gsm8k").mkdir()  # the two shortest problems (~100 tokens each): a few CPU steps stay cheap
+    (tmp_path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model, tokenizer = load_model("default", device="cpu")
-    cfg = TrainConfig(out=str(tmp_path / "run"), data_dir=str(data_dir), limit=2, batch_size=2, max_steps=4,
-                      lr=1e-4, max_length=384, warmup=0, logging_steps=1, save_steps=0, device="cpu",
-                      wemask=WeMaskConfig(rate=0.01, me_layer=11))
+    cfg = TrainConfig(out=str(tmp_path / "run"), data_dir=str(tmp_path), batch_size=2, max_steps=3, lr=1e-4,
+                      lr_scheduler="constant", warmup=0, logging_steps=1, save_steps=0, device="cpu",
+                      gradient_checkpointing=False, wemask=WeMaskConfig(rate=0.01, me_layer=11))
     result = train(cfg, model=model, tokenizer=tokenizer)
     losses = [r["loss"] for r in result.log_history if "loss" in r]
-    assert len(losses) == 4  # every step sees the same two examples, so the losses are comparable
+    assert len(losses) == 3  # every step sees the same two examples, so the losses are comparable
     assert losses[-1] < 0.8 * losses[0], losses
-    # every training forward masked both sequences once, and the checkpointing re-forward once more
     assert result.config.wemask.layers == [12]
-    assert result.wemask_fired == 4 * 2 * 2
+    assert result.wemask_fired == 3 * 2  # every training forward masked both sequences once
     reloaded, _ = load_model(result.final_dir, device="cpu")
-    assert reloaded.melayer_wemask.layers == [12]
+    assert reloaded.melayer_wemask.layers == [12] and reloaded.melayer_wemask.k == 5

@@ -23,6 +23,7 @@ from .errors import MelayerError
 ENGINES = ("auto", "hf", "static")
 STATIC_ATTENTION = ("sdpa", "eager")
 CACHE_BUCKET = 128  # static cache lengths are multiples of this (mask rows stay aligned; caches get reused)
+CACHE_SLOTS = 2  # static caches kept per model (one per batch shape)
 # generation_config settings that make ``generate`` alter greedy logits; the static engine implements none of them
 _HF_ONLY_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
                      "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
@@ -247,25 +248,33 @@ def _capture(graph: "torch.cuda.CUDAGraph", stream: "torch.cuda.Stream", fn: Cal
 
 
 _CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
 
 def _static_cache(model, decoder, batch: int, max_len: int, device: torch.device):
-    """The model's last static cache, reset, when the shape matches (compiled code guards on its tensors)."""
+    """A reset static cache of this shape, reused across calls: compiled code guards on the cache tensors'
+    addresses, so a fresh cache per call would recompile. The last ``CACHE_SLOTS`` shapes are kept per model."""
     from transformers.cache_utils import StaticCache
 
     key = (batch, max_len, next(model.parameters()).dtype, device)
-    held = _CACHES.get(model)
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1]
-    cache = StaticCache(config=decoder.config, max_cache_len=max_len)
-    _CACHES[model] = (key, cache)
+    held = _CACHES.setdefault(model, {})
+    cache = held.pop(key, None)
+    if cache is None:
+        cache = StaticCache(config=decoder.config, max_cache_len=max_len)
+    else:
+        cache.reset()
+    held[key] = cache  # most recent last
+    while len(held) > CACHE_SLOTS:
+        held.pop(next(iter(held)))
     return cache
 
 
 def _compiled(model):
-    """One ``torch.compile`` wrapper per model, so its compiled code is reused across calls."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model)
-    return _COMPILED[model]
+    """``torch.compile(model)`` that guards on forward hooks: by default dynamo ignores hooks added or removed
+    after compiling and would keep running the old ones; here a changed hook set recompiles instead.
+    (Compiled code is cached by dynamo per code object, so a fresh wrapper per call reuses it.)"""
+    compiled = torch.compile(model)
+
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            return compiled(*args, **kwargs)
+
+    return call

@@ -58,7 +58,8 @@ def register_cli(sub) -> None:
                    help="WeMask rates to sweep, e.g. 0,0.001,0.01,0.05 (default: 0, or the mask saved with the model)")
     p.add_argument("--wemask-layers", default="after_me",
                    help="after_me (default), from_after_me, me, or comma-separated 0-based blocks")
-    p.add_argument("--wemask-mode", default="correct", help="correct, paper, or both: correct,paper")
+    p.add_argument("--wemask-mode", default="correct", help="correct, paper, or both: correct,paper (paper mode runs one item at a time, as the official "
+                        "code did: its index-0 masking would hit pads in a left-padded batch)")
     p.add_argument("--me-layer", type=int, default=None, help="ME block (default: found by a scan)")
     p.add_argument("--limit", type=int, default=None, help="evaluate N items per task, drawn with --seed")
     p.add_argument("--seed", type=int, default=0)

@@ -292,13 +292,16 @@ def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -
 
     task, cond = w.task, w.cond
     score = not cfg.generate_only
+    # paper mode masks index 0 of each chunk, which is a pad token in a left-padded batch: the official
+    # protocol (one item at a time) is the only faithful one
+    size = 1 if cond.mode == "paper" else cfg.batch_size
     if task.kind == "generate":
         max_new = cfg.max_new_tokens or task.max_new_tokens
         enc = [(it, task.prompt(it)) for it in w.items]
         enc = [(it, p, encode(tokenizer, p, cfg.chat)) for it, p in enc]
         enc.sort(key=lambda t: -len(t[2]))  # similar lengths together: little padding
         eos = eos_ids(tokenizer, model)
-        for batch in _batches(enc, cfg.batch_size):
+        for batch in _batches(enc, size):
             gen = GenerationConfig(max_new_tokens=max_new, do_sample=cfg.sample, temperature=cfg.temperature,
                                    top_p=cfg.top_p, engine=cfg.engine,
                                    seed=_batch_seed(cfg, cond, [b[0]["id"] for b in batch]) if cfg.sample else None)
@@ -313,13 +316,13 @@ def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -
             conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in task.continuations(it, cfg.chat)]
             enc.append((it, p, encode(tokenizer, p, cfg.chat), conts))
         enc.sort(key=lambda t: -len(t[2]))
-        for batch in _batches(enc, cfg.batch_size):
+        for batch in _batches(enc, size):
             lls = continuation_logliks(model, [b[2] for b in batch], [b[3] for b in batch], pad_id(tokenizer))
             rows = [score_row(task, _row(task, cond, cfg, it, p, ll, 0)) for (it, p, _, _), ll in zip(batch, lls)]
             log.extend(rows)  # the log-likelihoods are the measurement: scoring them needs no extra library
             bar.update(len(batch))
     else:
-        for batch in _batches(w.items, min(cfg.batch_size, 4)):
+        for batch in _batches(w.items, min(size, 4)):
             res = window_nll(model, [it["input_ids"] for it in batch])
             rows = [score_row(task, _row(task, cond, cfg, it, None, {"nll": nll, "tokens": n}, 0))
                     for it, (nll, n) in zip(batch, res)]

@@ -67,7 +67,9 @@ def _csv_text(results: list[dict]) -> str:
 
 
 def _p(v) -> str:
-    return "–" if v is None else f"{v:.3g}"
+    if v is None:
+        return "–"
+    return "<5e-4" if v == 0 else f"{v:.3g}"  # a bootstrap p of 0 means below 1 / 2000 resamples
 
 
 def _table_rows(results: list[dict]) -> list[list]:

@@ -174,7 +174,7 @@ class AblationRow:
     name: str
     group: str  # "baseline", "rmsnorm", "ffn", "joint", "sun", "control"
     description: str
-    token0_max_me: float  # mean over inputs of token 0's max |h| at the ME block's output
+    token0_max_me: float  # mean over windows (or prompts) of token 0's max |h| at the ME block's output
     token0_max_last: float  # … at the last block's output (before the final norm)
     token0_dims_me: list[float] = field(default_factory=list)  # token 0 on the massive dims, ME output
     token0_dims_last: list[float] = field(default_factory=list)
@@ -192,6 +192,7 @@ class Ablations:
     sun_mean_values: list[float]  # the per-dim means over inputs used by the "set to mean" test
     ppl_windows: int
     ppl_window_tokens: int
+    measured_on: str  # where token 0's values come from: "WikiText-2 windows" or "prompts"
     rows: list[AblationRow]
     alpha_convention: str = "γ_α = (1 − α)·γ + α·mean(γ); α = 0 is the unmodified model (the baseline row)"
 
@@ -202,11 +203,23 @@ class Ablations:
 @torch.no_grad()
 def measure(model, inputs: Inputs, me_layer: int, dims: Sequence[int],
             windows: Optional[torch.Tensor] = None) -> tuple[float, float, list[float], list[float], Optional[float]]:
-    """Token 0's max |h| and massive-dim values at the ME and last block outputs, and perplexity."""
+    """Token 0's max |h| and massive-dim values at the ME and last block outputs, and perplexity.
+
+    With WikiText windows, token 0 is read from the very forward passes that give the perplexity (one pass
+    per setting; every window starts at its token 0); without them, from the prompts.
+    """
     last = num_layers(model) - 1
-    outs = capture_block_outputs(model, inputs, sorted({me_layer, last}))
-    me0, last0 = token0(outs[me_layer], inputs), token0(outs[last], inputs)
-    ppl = perplexity(model, windows) if windows is not None else None
+    if windows is None:
+        outs = capture_block_outputs(model, inputs, sorted({me_layer, last}))
+        me0, last0, ppl = token0(outs[me_layer], inputs), token0(outs[last], inputs), None
+    else:
+        layers = adapter_for(model).layers(model)
+        rows: dict[int, list[torch.Tensor]] = {me_layer: [], last: []}
+        with HookGroup() as hooks:
+            for i in rows:
+                hooks.forward(layers[i], lambda m, a, o, i=i: rows[i].append(block_output(o)[:, 0].float().cpu()))
+            ppl = perplexity(model, windows)
+        me0, last0 = torch.cat(rows[me_layer]), torch.cat(rows[last])
     return (float(me0.abs().amax(-1).mean()), float(last0.abs().amax(-1).mean()),
             me0[:, list(dims)].mean(0).tolist(), last0[:, list(dims)].mean(0).tolist(), ppl)
 
@@ -224,7 +237,8 @@ def ablations(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequenc
         raise MelayerError("no FFN neurons to ablate")
     inter = adapter_for(model).ffn_weights(adapter_for(model).block(model, me_layer))[2].shape[1]
     gen = torch.Generator().manual_seed(seed)
-    pool = torch.tensor([j for j in range(inter) if j not in set(neurons)])
+    chosen = set(neurons)
+    pool = torch.tensor([j for j in range(inter) if j not in chosen])
     random_neurons = pool[torch.randperm(len(pool), generator=gen)[: len(neurons)]].sort().values.tolist()
     me0 = token0(capture_block_outputs(model, inputs, [me_layer])[me_layer], inputs)
     sun_mean = me0[:, dims].mean(0).tolist()
@@ -269,7 +283,8 @@ def ablations(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequenc
         r.spike_left = r.token0_max_me / base if base else float("nan")
     return Ablations(me_layer, dims, neurons, random_neurons, cap, sun_mean,
                      0 if windows is None else int(windows.shape[0]),
-                     0 if windows is None else int(windows.shape[1]), rows)
+                     0 if windows is None else int(windows.shape[1]),
+                     "prompts" if windows is None else "WikiText-2 windows", rows)
 
 
 @contextlib.contextmanager

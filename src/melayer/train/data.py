@@ -1,7 +1,10 @@
 """GSM8K for training: loading (local folder or hub), chat-formatted rows, and the GRPO rewards.
 
-Answer format taught by SFT and rewarded by GRPO: the reasoning, then a last line ``#### N``
-(GSM8K's own convention). ``\\boxed{N}`` is accepted as the same final answer.
+Prompts are exactly ``melayer eval``'s GSM8K prompts (the question, then "Please reason step by step,
+and put your final answer within \\boxed{}."), so a trained model is evaluated on what it learnt.
+Answer format taught by SFT: GSM8K's worked solution (calculator notes removed) whose ``#### N`` last
+line becomes ``The final answer is \\boxed{N}.``. GRPO's format reward accepts a ``\\boxed{N}`` or a
+last line ``#### N``; its correctness reward extracts the final number with ``melayer eval``'s scorer.
 """
 from __future__ import annotations
 
@@ -11,16 +14,16 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MelayerError
+from ..evaluate.scorers import extract_gsm8k, gsm8k_gold, numbers_equal
+from ..evaluate.tasks import GSM8K
 
-INSTRUCTION = "Solve the problem step by step. Give the final answer on the last line as '#### <number>'."
 GSM8K_HUB = ("openai/gsm8k", "main")
 
-_NUMBER = r"-?[\d,]*\.?\d+"
+_NUMBER = r"-?\$?[\d,]*\.?\d+"
 _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
-_HASH_ANSWER = re.compile(r"####\s*\$?\s*(" + _NUMBER + r")")
-_BOXED_ANSWER = re.compile(r"\\boxed\{\s*\$?\s*(" + _NUMBER + r")\s*\}")
-_ANY_NUMBER = re.compile(_NUMBER)
-_FORMAT_LAST_LINE = re.compile(r"^\s*####\s*\$?\s*" + _NUMBER + r"\s*\.?\s*$")
+_FINAL_LINE = re.compile(r"\n?####\s*(.+?)\s*$")
+_BOXED_NUMBER = re.compile(r"\\boxed\{\s*" + _NUMBER + r"\s*\}")
+_HASH_LAST_LINE = re.compile(r"^\s*####\s*" + _NUMBER + r"\s*\.?\s*$")
 
 
 def load_gsm8k(split: str = "train", data_dir: Optional[str] = None) -> list[dict]:
@@ -46,61 +49,42 @@ def load_gsm8k(split: str = "train", data_dir: Optional[str] = None) -> list[dic
             continue
         try:
             row = json.loads(line)
+            if "####" not in row["answer"]:
+                raise KeyError("####")
             rows.append({"question": row["question"], "answer": row["answer"]})
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise MelayerError(f"{path}:{n}: not a GSM8K row (JSON with 'question' and 'answer')") from None
+            raise MelayerError(f"{path}:{n}: not a GSM8K row (JSON with 'question' and an 'answer' ending in '#### N')") from None
     if not rows:
         raise MelayerError(f"{path} is empty")
     return rows
 
 
-def gold_number(answer: str) -> str:
-    """The reference final number of a GSM8K answer (the text after ``####``), normalised."""
-    m = _HASH_ANSWER.search(answer)
-    if m is None:
-        raise MelayerError(f"GSM8K answer without '#### N': {answer[-80:]!r}")
-    return normalize_number(m.group(1))
-
-
-def normalize_number(text: str) -> str:
-    """'1,000' -> '1000', '3.50' -> '3.5', '7.0' -> '7': exact match on the number, not its spelling."""
-    text = text.replace(",", "").strip()
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    if text in ("", "-", "-0"):
-        text = "0"
-    return text
-
-
-def final_answer(completion: str) -> Optional[str]:
-    """The model's final number: the last ``#### N`` or ``\\boxed{N}``, else the last number in the text."""
-    marked = [(m.start(), m.group(1)) for rx in (_HASH_ANSWER, _BOXED_ANSWER) for m in rx.finditer(completion)]
-    if marked:
-        return normalize_number(max(marked)[1])
-    numbers = _ANY_NUMBER.findall(completion)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
 def has_answer_format(completion: str) -> bool:
-    """True when the final answer is stated as asked: a last line ``#### N`` or a ``\\boxed{N}``."""
+    """True when the final answer is stated as asked: a ``\\boxed{N}`` or a last line ``#### N``."""
     lines = [line for line in completion.strip().splitlines() if line.strip()]
-    return bool(lines and _FORMAT_LAST_LINE.match(lines[-1])) or bool(_BOXED_ANSWER.search(completion))
+    return bool(_BOXED_NUMBER.search(completion)) or bool(lines and _HASH_LAST_LINE.match(lines[-1]))
 
 
-def user_prompt(question: str) -> list[dict]:
-    return [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+def sft_target(answer: str) -> str:
+    """A GSM8K solution as the answer we teach: no calculator notes, final number in ``\\boxed{}``."""
+    gold = gsm8k_gold(answer)
+    body = _FINAL_LINE.sub("", _CALCULATOR.sub("", answer).strip()).strip()
+    return f"{body}\nThe final answer is \\boxed{{{gold}}}."
+
+
+def user_prompt(row: dict) -> list[dict]:
+    return [{"role": "user", "content": GSM8K().prompt(row)}]
 
 
 def sft_rows(rows: list[dict]) -> list[dict]:
-    """Conversational prompt/completion rows: the loss is on the answer only (calculator notes removed)."""
-    return [{"prompt": user_prompt(r["question"]),
-             "completion": [{"role": "assistant", "content": _CALCULATOR.sub("", r["answer"]).strip()}]}
+    """Conversational prompt/completion rows: the loss is on the answer only."""
+    return [{"prompt": user_prompt(r), "completion": [{"role": "assistant", "content": sft_target(r["answer"])}]}
             for r in rows]
 
 
 def grpo_rows(rows: list[dict]) -> list[dict]:
     """Conversational prompts with the gold number in a ``gold`` column (passed to the reward functions)."""
-    return [{"prompt": user_prompt(r["question"]), "gold": gold_number(r["answer"])} for r in rows]
+    return [{"prompt": user_prompt(r), "gold": gsm8k_gold(r["answer"])} for r in rows]
 
 
 def _text(completion) -> str:
@@ -111,12 +95,12 @@ def _text(completion) -> str:
 
 
 def correctness_reward(prompts, completions, gold, **kwargs) -> list[float]:
-    """1 when the final number equals the gold number exactly (after normalisation), else 0."""
-    return [float(final_answer(_text(c)) == g) for c, g in zip(completions, gold)]
+    """1 when the final number (``melayer eval``'s GSM8K extraction) equals the gold as a decimal, else 0."""
+    return [float(numbers_equal(extract_gsm8k(_text(c)), g)) for c, g in zip(completions, gold)]
 
 
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """1 when the final answer is given as ``#### N`` on the last line or as ``\\boxed{N}``, else 0."""
+    """1 when the final answer is given as ``\\boxed{N}`` or as a last line ``#### N``, else 0."""
     return [float(has_answer_format(_text(c))) for c in completions]
 
 
