@@ -77,36 +77,40 @@ def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine
     ids, mask = make_batch(args, model, tokenizer, batch, device)
     gen = GenerationConfig(max_new_tokens=args.new_tokens, engine=engine)
 
-    def run(masked: bool) -> tuple[float, torch.Tensor, int]:
+    def run(masked: bool) -> tuple[float, float, torch.Tensor, int]:
         h = apply_wemask(model, config) if masked else None
         sync(device)
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = generate_batch(model, ids, mask, gen, [], pad_token_id=0)
         sync(device)
-        seconds = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         fired = 0
         if h is not None:
             fired = h.fired
             h.remove()
-        return seconds, out, fired
+        return wall, cpu, out, fired
 
     for masked in (False, True):  # warm-up: kernels, allocator, lazy inits
         run(masked)
-    times = {False: [], True: []}
+    wall, cpu = {False: [], True: []}, {False: [], True: []}
     outs, fired = {}, []
     for rep in progress(range(args.repeats), desc=f"{engine} batch {batch}"):
         for masked in ((False, True) if rep % 2 == 0 else (True, False)):
-            seconds, outs[masked], f = run(masked)
-            times[masked].append(seconds)
+            w, c, outs[masked], f = run(masked)
+            wall[masked].append(w)
+            cpu[masked].append(c)
             if masked:
                 fired.append(f)
     tokens = batch * outs[False].shape[1]
-    off, on = statistics.median(times[False]), statistics.median(times[True])
+    off, on = statistics.median(wall[False]), statistics.median(wall[True])
     return {
         "batch": batch, "new_tokens": int(outs[False].shape[1]), "prompt_len": int(ids.shape[1]), "engine": engine,
         "tok_per_s_without": tokens / off, "tok_per_s_with": tokens / on, "overhead": on / off,
-        "paired_overhead_median": statistics.median(b / a for a, b in zip(times[False], times[True])),
-        "seconds_without": times[False], "seconds_with": times[True],
+        "paired_overhead_median": statistics.median(b / a for a, b in zip(wall[False], wall[True])),
+        "min_overhead": min(wall[True]) / min(wall[False]),
+        "cpu_overhead": statistics.median(cpu[True]) / statistics.median(cpu[False]),
+        "seconds_without": wall[False], "seconds_with": wall[True],
+        "cpu_seconds_without": cpu[False], "cpu_seconds_with": cpu[True],
         "tokens_identical": bool(torch.equal(outs[False], outs[True])),
         "masked_tokens_per_run": sorted(set(fired)),
     }
@@ -160,24 +164,26 @@ def main(argv=None) -> int:
         return 2
 
     rows = [bench_batch(args, model, tokenizer, config, b, e) for e in engines for b in batch_sizes]
-    columns = ["batch", "new tokens", "engine", "tok/s without", "tok/s with", "overhead (x)", "paired (x)"]
+    columns = ["batch", "new tokens", "engine", "tok/s without", "tok/s with", "overhead (x)", "paired (x)",
+               "best-run (x)", "CPU-time (x)"]
     table = [[r["batch"], r["new_tokens"], r["engine"], round(r["tok_per_s_without"], 1),
-              round(r["tok_per_s_with"], 1), round(r["overhead"], 4), round(r["paired_overhead_median"], 4)]
-             for r in rows]
+              round(r["tok_per_s_with"], 1), round(r["overhead"], 4), round(r["paired_overhead_median"], 4),
+              round(r["min_overhead"], 4), round(r["cpu_overhead"], 4)] for r in rows]
     console_table(f"WeMask overhead — {name} on {device}", columns, table)
 
     command = "python benchmarks/bench_wemask.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    env = {"model": name, "device": str(device), "device_name": device_name, "dtype": str(next(model.parameters()).dtype),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+    env = {"model": name, "device": str(device), "device_name": device_name,
+           "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
     atomic_write_json(args.out, {"command": command, "env": env, "config": config, "repeats": args.repeats,
                                  "results": rows})
     section = (f"\n## {name} on {device} ({device_name}), {env['date']}\n\n```\n{command}\n```\n\n"
                f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
                f"{env['threads']} threads; WeMask {probe!r}; {args.repeats} interleaved repeats, "
-               f"medians. Overhead = median time with / median time without (paired = median of per-repeat "
-               f"ratios).\n\n"
+               f"medians. Overhead = median wall time with / without; paired = median of per-repeat ratios; "
+               f"best-run = fastest with / fastest without; CPU-time = median process CPU seconds with / "
+               f"without (less sensitive to other load on a shared CPU).\n\n"
                + markdown_table(columns, table)
                + f"\nSame tokens with and without WeMask: {[r['tokens_identical'] for r in rows]} "
                f"(per batch size; WeMask is meant to change outputs). Masked tokens per run: "

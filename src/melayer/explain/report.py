@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from ..report import markdown_table, new_figure
@@ -144,7 +145,7 @@ def claims(r: "ExplainResult") -> list[Claim]:
 
 def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
     me, dims = r.me_layer, r.dims
-    lines = [f"# melayer explain: {r.model}", "",
+    lines = [f"# melayer explain: {Path(r.model).name}", "",
              f"Family `{r.family}`, {r.num_layers} blocks, hidden size {r.hidden_size}. ME layer: **block {me}** "
              f"(0-based, {r.me_layer_source}). Massive dims of token 0: {dims}. "
              f"{len(r.prompts)} prompts, fp32 statistics. Config: `explain_config.json`.", "",

@@ -53,7 +53,8 @@ def load_gsm8k(split: str = "train", data_dir: Optional[str] = None) -> list[dic
                 raise KeyError("####")
             rows.append({"question": row["question"], "answer": row["answer"]})
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise MelayerError(f"{path}:{n}: not a GSM8K row (JSON with 'question' and an 'answer' ending in '#### N')") from None
+            raise MelayerError(f"{path}:{n}: not a GSM8K row (JSON with 'question' and an 'answer' "
+                               f"ending in '#### N')") from None
     if not rows:
         raise MelayerError(f"{path} is empty")
     return rows
