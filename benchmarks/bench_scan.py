@@ -20,10 +20,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
+CARRIED_WIKI = ROOT / ".carry" / "data" / "wikitext2" / "wiki.test.raw"  # on the device machine
 
 
 def make_input(tokenizer, tokens: int) -> torch.Tensor:
-    text = WIKI.read_text(encoding="utf-8") if WIKI.is_file() else "The quick brown fox jumps. " * 2000
+    path = WIKI if WIKI.is_file() else CARRIED_WIKI
+    text = path.read_text(encoding="utf-8")
     ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[:, :tokens]
     assert ids.shape[1] == tokens, "not enough text for the requested length"
     return ids
@@ -59,14 +61,14 @@ class RssPeak:
         self.peak = max(self.peak, self._rss())
 
 
-def memory_child(approach: str, tokens: int, device: str) -> None:
+def memory_child(approach: str, tokens: int, device: str, spec: str) -> None:
     """Run one approach and print its peak memory above the loaded model (bytes)."""
     import contextlib
 
     from melayer import load_model
     from melayer.capture import ResidualCapture, reduce_hidden
 
-    model, tok = load_model("default", device=device)
+    model, tok = load_model(spec, device=device)
     ids = make_input(tok, tokens).to(device)
     mask = torch.ones_like(ids)
     if device == "cuda":
@@ -92,14 +94,15 @@ def memory_child(approach: str, tokens: int, device: str) -> None:
     print(json.dumps({"approach": approach, "peak_bytes": peak}))
 
 
-def measure_memory(approach: str, tokens: int, device: str) -> int:
+def measure_memory(approach: str, tokens: int, device: str, spec: str) -> int:
     out = subprocess.run([sys.executable, __file__, "--memory-child", approach, "--tokens", str(tokens),
-                          "--device", device], capture_output=True, text=True, check=True)
+                          "--device", device, "--model", spec], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--model", default="default", help="model spec (default: the embedded SmolLM2)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -107,16 +110,16 @@ def main() -> None:
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
     args = p.parse_args()
     if args.memory_child:
-        return memory_child(args.memory_child, args.tokens, args.device)
+        return memory_child(args.memory_child, args.tokens, args.device, args.model)
 
     from melayer import load_model
     from melayer.capture import ResidualCapture
 
     t0 = time.perf_counter()
-    load_model("default", device=args.device)  # warm the cache (first load dequantises)
+    load_model(args.model, device=args.device)  # warm the cache (first load dequantises)
     first_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tok = load_model("default", device=args.device)
+    model, tok = load_model(args.model, device=args.device)
     second_load = time.perf_counter() - t0
 
     ids = make_input(tok, args.tokens).to(args.device)
@@ -143,7 +146,7 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {a: measure_memory(a, args.tokens, args.device) for a in ("capture", "hidden_states")}
+    mem = {a: measure_memory(a, args.tokens, args.device, args.model) for a in ("capture", "hidden_states")}
     result = {
         "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "load_first_s": first_load, "load_second_s": second_load,

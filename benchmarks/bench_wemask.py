@@ -72,6 +72,34 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bench_step(model, config: WeMaskConfig, ids, mask, repeats: int) -> dict:
+    """One cached decode step timed alone, with and without WeMask, interleaved many times: the hook cost
+    without generate's own overhead (the cache is cropped back after every step)."""
+    device = ids.device
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.2x names it `cache`
+    cache, token = out[key], ids[:, -1:]
+    full = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    times = {False: [], True: []}
+    for rep in range(repeats + 2):
+        for masked in ((False, True) if rep % 2 == 0 else (True, False)):
+            h = apply_wemask(model, config) if masked else None
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=token, attention_mask=full, use_cache=True, **{key: cache})
+            sync(device)
+            if rep >= 2:  # the first two rounds warm up
+                times[masked].append(time.perf_counter() - t0)
+            cache.crop(-1)
+            if h is not None:
+                h.remove()
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    return {"step_ms_without": off * 1e3, "step_ms_with": on * 1e3, "step_overhead": on / off,
+            "step_min_overhead": min(times[True]) / min(times[False])}
+
+
 def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine: str) -> dict:
     device = next(model.parameters()).device
     ids, mask = make_batch(args, model, tokenizer, batch, device)
@@ -101,6 +129,7 @@ def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine
             cpu[masked].append(c)
             if masked:
                 fired.append(f)
+    steps = bench_step(model, config, ids, mask, args.step_repeats)
     tokens = batch * outs[False].shape[1]
     off, on = statistics.median(wall[False]), statistics.median(wall[True])
     return {
@@ -113,6 +142,7 @@ def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine
         "cpu_seconds_without": cpu[False], "cpu_seconds_with": cpu[True],
         "tokens_identical": bool(torch.equal(outs[False], outs[True])),
         "masked_tokens_per_run": sorted(set(fired)),
+        **steps,
     }
 
 
@@ -127,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the random model")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (interleaved; median)")
+    p.add_argument("--step-repeats", type=int, default=50, help="timed single decode steps per setting")
     p.add_argument("--rate", type=float, default=0.01)
     p.add_argument("--layers", default="after_me")
     p.add_argument("--mode", choices=("correct", "paper"), default="correct")
@@ -165,10 +196,11 @@ def main(argv=None) -> int:
 
     rows = [bench_batch(args, model, tokenizer, config, b, e) for e in engines for b in batch_sizes]
     columns = ["batch", "new tokens", "engine", "tok/s without", "tok/s with", "overhead (x)", "paired (x)",
-               "best-run (x)", "CPU-time (x)"]
+               "best-run (x)", "CPU-time (x)", "step ms without", "step ms with", "step (x)"]
     table = [[r["batch"], r["new_tokens"], r["engine"], round(r["tok_per_s_without"], 1),
               round(r["tok_per_s_with"], 1), round(r["overhead"], 4), round(r["paired_overhead_median"], 4),
-              round(r["min_overhead"], 4), round(r["cpu_overhead"], 4)] for r in rows]
+              round(r["min_overhead"], 4), round(r["cpu_overhead"], 4), round(r["step_ms_without"], 3),
+              round(r["step_ms_with"], 3), round(r["step_overhead"], 4)] for r in rows]
     console_table(f"WeMask overhead — {name} on {device}", columns, table)
 
     command = "python benchmarks/bench_wemask.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -183,7 +215,9 @@ def main(argv=None) -> int:
                f"{env['threads']} threads; WeMask {probe!r}; {args.repeats} interleaved repeats, "
                f"medians. Overhead = median wall time with / without; paired = median of per-repeat ratios; "
                f"best-run = fastest with / fastest without; CPU-time = median process CPU seconds with / "
-               f"without (less sensitive to other load on a shared CPU).\n\n"
+               f"without (less sensitive to other load on a shared CPU); step = one cached decode forward timed "
+               f"alone, {args.step_repeats} interleaved repeats, medians (the hook cost without generate's "
+               f"own overhead).\n\n"
                + markdown_table(columns, table)
                + f"\nSame tokens with and without WeMask: {[r['tokens_identical'] for r in rows]} "
                f"(per batch size; WeMask is meant to change outputs). Masked tokens per run: "

@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny
 from melayer.adapters import adapter_for
 from melayer.errors import MelayerError
-from melayer.explain import ExplainConfig, explain
+from melayer.explain import ExplainConfig, explain, write
 from melayer.explain.ablate import (cap_ffn_output, flatten_gamma, measure, normalise_scale, perplexity,
                                     set_massive, wikitext_windows, zero_neurons)
 from melayer.explain.common import Inputs, capture_block_outputs, prepare_inputs
@@ -240,6 +240,25 @@ def test_ablations_act_and_restore_exactly(family):
     assert torch.equal(again, logits)
 
 
+def test_explain_end_to_end_writes_the_report(tmp_path):
+    """All analyses on a tiny model, then the report: files, one verdict per claim, the model left as it was."""
+    import json
+
+    model, inputs = make_tiny("llama"), tiny_inputs()
+    config = ExplainConfig(model="tiny", me_layer=ME, wemask_rates=[0.25])
+    result = explain(model, None, config, progress=False, inputs=inputs)
+    assert result.config.wemask_rates == [0.0, 0.25] and result.me_layer_source == "given"
+    assert [r.name for r in result.ablations.rows][:2] == ["baseline", "gamma_flatten_0.5"]
+    paths = write(result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert len(data["claims"]) == 6 and {c["verdict"] for c in data["claims"]} <= {"holds", "does not hold"}
+    assert json.loads((tmp_path / "explain_config.json").read_text())["me_layer"] == ME
+    for name in ("rmsnorm", "ffn", "ablations", "propagation", "rigidity_heatmaps", "diversity", "sinks_curves"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert "## Paper claims" in paths["markdown"].read_text()
+    assert hooks_left(model) == 0 and model.config._attn_implementation != "eager"
+
+
 def test_bad_inputs_are_melayer_errors():
     model = make_tiny("llama")
     with pytest.raises(MelayerError):
@@ -289,7 +308,7 @@ def test_smollm2_spike_is_born_at_block_11_by_two_neurons(smol):
 @pytest.mark.real
 def test_smollm2_ablations_remove_the_spike(smol, data_dir):
     model, tokenizer, inputs = smol
-    windows = wikitext_windows(tokenizer, data_dir, n_tokens=128, window=128)
+    windows = wikitext_windows(tokenizer, data_dir, n_tokens=64, window=64)
     base_me, base_last, _, _, base_ppl = measure(model, inputs, SMOL_ME, [SMOL_DIM], windows)
     neurons = ffn_role(model, tokenizer, SMOL_ME, inputs, [SMOL_DIM]).ablate_neurons
     with zero_neurons(model, SMOL_ME, neurons):

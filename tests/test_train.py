@@ -154,6 +154,16 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return path
 
 
+@pytest.fixture(scope="module")
+def short_data(tmp_path_factory, data_dir):
+    """The four shortest GSM8K train problems (~100 tokens each) in a data folder: CPU steps stay cheap."""
+    rows = sorted(load_gsm8k("train", str(data_dir)), key=lambda r: len(r["question"]) + len(r["answer"]))[:4]
+    path = tmp_path_factory.mktemp("short_gsm8k")
+    (path / "gsm8k").mkdir()
+    (path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _tiny_cfg(tmp_path, data_dir, **kw) -> TrainConfig:
     base = dict(out=str(tmp_path / "run"), data_dir=str(data_dir), limit=4, max_steps=1, batch_size=2,
                 max_length=320, warmup=0, logging_steps=1, save_steps=1, device="cpu",
@@ -161,7 +171,7 @@ def _tiny_cfg(tmp_path, data_dir, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, data_dir, tokenizer):
+def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, short_data, tokenizer):
     model = tiny_chat_model(tokenizer)
     rollouts = []
     generate = model.generate
@@ -173,7 +183,7 @@ def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, dat
         return out
 
     model.generate = spy
-    cfg = _tiny_cfg(tmp_path, data_dir, algo="grpo", num_generations=2, max_completion_length=6)
+    cfg = _tiny_cfg(tmp_path, short_data, algo="grpo", num_generations=2, max_completion_length=6)
     result = train(cfg, model=model, tokenizer=tokenizer)
     assert rollouts, "GRPO must generate with the policy model"
     for fired, batch in rollouts:
@@ -196,7 +206,7 @@ def _merged_weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, data_dir, tiny_dir):
+def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, short_data, tiny_dir):
     import argparse
 
     from melayer.train import register_cli
@@ -205,8 +215,7 @@ def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, data
     register_cli(parser.add_subparsers(dest="command", required=True))
 
     def run(out, *extra):
-        argv = ["train", "sft", str(tiny_dir), "--data-dir", str(data_dir), "--limit", "4", "--batch-size", "2",
-                "--max-length", "320", "--lora", "--wemask-rate", str(RATE), "--me-layer", str(TINY_ME_LAYER),
+        argv = ["train", "sft", str(tiny_dir), "--data-dir", str(short_data), "--batch-size", "2", "--lora", "--wemask-rate", str(RATE), "--me-layer", str(TINY_ME_LAYER),
                 "--logging-steps", "1", "--lr-scheduler", "constant", "--warmup", "0",
                 "--device", "cpu", "--out", str(tmp_path / out), *extra]
         args = parser.parse_args(argv)
@@ -238,13 +247,10 @@ def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, data
 
 
 @pytest.mark.real
-def test_sft_steps_lower_the_loss_of_the_default_model(tmp_path, data_dir):
-    rows = sorted(load_gsm8k("train", str(data_dir)), key=lambda r: len(r["question"]) + len(r["answer"]))[:2]
-    (tmp_path / "gsm8k").mkdir()  # the two shortest problems (~100 tokens each): a few CPU steps stay cheap
-    (tmp_path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_sft_steps_lower_the_loss_of_the_default_model(tmp_path, short_data):
     model, tokenizer = load_model("default", device="cpu")
-    cfg = TrainConfig(out=str(tmp_path / "run"), data_dir=str(tmp_path), batch_size=2, max_steps=3, lr=1e-4,
-                      lr_scheduler="constant", warmup=0, logging_steps=1, save_steps=0, device="cpu",
+    cfg = TrainConfig(out=str(tmp_path / "run"), data_dir=str(short_data), limit=2, batch_size=2, max_steps=3,
+                      lr=1e-4, lr_scheduler="constant", warmup=0, logging_steps=1, save_steps=0, device="cpu",
                       gradient_checkpointing=False, wemask=WeMaskConfig(rate=0.01, me_layer=11))
     result = train(cfg, model=model, tokenizer=tokenizer)
     losses = [r["loss"] for r in result.log_history if "loss" in r]

@@ -131,6 +131,7 @@ def test_rate_zero_registers_nothing_and_is_bit_identical(tiny_family):
         with wemask(model, rate, me_layer=0) as handle:
             assert handle.layers == [] and not has_hooks(model)
             assert torch.equal(logits(model, ids, mask), base)
+    assert handle.config.layers == [1]  # a nonzero rate is still resolved, so its config can be saved
 
 
 def test_remove_restores_exactly(tiny_family):
@@ -433,6 +434,8 @@ def test_cli_generate(tmp_path, capsys, monkeypatch):
     assert "without WeMask" in table and "with WeMask" in table and expected[0] in table
     with pytest.raises(MelayerError, match="--compare needs"):
         _cli(["generate", str(tmp_path), *tokens, "--compare"])
+    with pytest.raises(MelayerError, match="--me-layer needs"):
+        _cli(["generate", str(tmp_path), *tokens, "--me-layer", "1"])
     with pytest.raises(MelayerError, match="chat template"):
         _cli(["generate", str(tmp_path), *tokens, "--chat"])
 

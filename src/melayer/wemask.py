@@ -216,7 +216,7 @@ def _dim_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 def _correct_hook(ctx, k: int, gamma: float, gain_fn, counter: torch.Tensor):
     def hook(module, args, kwargs):
         x = _attn_input(args, kwargs)
-        sel = ctx.first_token()  # (B, L): each sequence's first real token, if in this chunk
+        sel = ctx.first_token().to(x.device)  # (B, L): each sequence's first real token, if in this chunk
         if gain_fn is not None:
             score = gain_fn().to(x.device).abs().expand(x.shape[0], -1)
         else:
@@ -259,13 +259,14 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
     adapter = adapter_for(model)
     blocks = adapter.layers(model)
     hidden = _hidden_size(model)
+    if config.rate > 0:  # resolved even when k rounds to 0, so handle.config can always be saved
+        config = config.resolved(model, tokenizer)
     k = config.k(hidden)
     if k == 0:
         return WeMaskHandle(config, [], 0, None, {})
     if config.score == "gamma" and adapter.attn_norm is None:
         raise MelayerError(f"score='gamma' needs a pre-attention norm; the {adapter.family} family has none "
                            f"(its attention reads the raw residual): use score='activation'")
-    config = config.resolved(model, tokenizer)
     layers = config.resolve_layers(len(blocks))
     hooks = HookGroup()
     ctx = TokenContext(model, hooks) if config.mode == "correct" else None
@@ -301,13 +302,13 @@ class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.
     ``wemask(model, 0.01)`` (a rate), ``wemask(model, config)`` or ``wemask(model, rate=..., layers=...)``.
     """
 
-    def __init__(self, model, config_or_rate: Union[WeMaskConfig, float, None] = None, tokenizer=None, **fields):
-        if isinstance(config_or_rate, WeMaskConfig):
-            config = dataclasses.replace(config_or_rate, **fields) if fields else config_or_rate
-        elif config_or_rate is None:
+    def __init__(self, model, config: Union[WeMaskConfig, float, None] = None, tokenizer=None, **fields):
+        if isinstance(config, WeMaskConfig):
+            config = dataclasses.replace(config, **fields) if fields else config
+        elif config is None:
             config = WeMaskConfig(**fields)
         else:
-            config = WeMaskConfig(rate=config_or_rate, **fields)
+            config = WeMaskConfig(rate=config, **fields)
         self._args = (model, config, tokenizer)
         self.handle: Optional[WeMaskHandle] = None
 
@@ -356,9 +357,11 @@ def register_cli(sub) -> None:
     p.set_defaults(handler=generate_command)
 
 
-def _cli_config(args, saved: Optional[WeMaskConfig]) -> Optional[WeMaskConfig]:
+def _cli_config(args) -> Optional[WeMaskConfig]:
     if args.wemask_rate is None:
-        return saved
+        if args.me_layer is not None:
+            raise MelayerError("--me-layer needs --wemask-rate")
+        return None
     return WeMaskConfig(rate=args.wemask_rate, layers=parse_layers(args.wemask_layers), score=args.wemask_score,
                         gamma=args.wemask_gamma, mode=args.wemask_mode, me_layer=args.me_layer)
 
@@ -370,13 +373,12 @@ def generate_command(args) -> int:
 
     if args.max_new_tokens < 1:
         raise MelayerError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.wemask_rate is None and args.me_layer is not None:
-        raise MelayerError("--me-layer needs --wemask-rate")
+    config = _cli_config(args)  # validated before the (slow) model load
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     saved = getattr(model, "melayer_wemask", None)
     if saved is not None:  # the CLI decides what is applied: start from the bare model
         saved.remove()
-    config = _cli_config(args, saved.config if saved is not None else None)
+        config = config or saved.config
     if args.compare and config is None:
         raise MelayerError("--compare needs --wemask-rate (or a model saved with a WeMask config)")
 

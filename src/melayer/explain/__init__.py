@@ -100,8 +100,12 @@ def _me_layer(model, tokenizer, config: ExplainConfig) -> tuple[int, str]:
     return int(find_me_layer(model, tokenizer)), "found by melayer.scan.find_me_layer"
 
 
-def explain(model, tokenizer, config: Optional[ExplainConfig] = None, progress: bool = True) -> ExplainResult:
-    """Run every analysis on ``model`` and return their results (no files written)."""
+def explain(model, tokenizer, config: Optional[ExplainConfig] = None, progress: bool = True,
+            inputs: Optional[Inputs] = None) -> ExplainResult:
+    """Run every analysis on ``model`` and return their results (no files written).
+
+    ``inputs`` (already encoded) replaces the config's prompts.
+    """
     from ..adapters import adapter_for
     from ..report import progress as bar
     from ..scan import read_prompts
@@ -112,8 +116,9 @@ def explain(model, tokenizer, config: Optional[ExplainConfig] = None, progress: 
     ad = adapter_for(model)
     me, source = _me_layer(model, tokenizer, config)
     check_layer(model, me)
-    prompts = read_prompts(config.prompts) if config.prompts else None
-    inputs = prepare_inputs(tokenizer, prompts, config.max_prompt_tokens)
+    if inputs is None:
+        prompts = read_prompts(config.prompts) if config.prompts else None
+        inputs = prepare_inputs(tokenizer, prompts, config.max_prompt_tokens)
     windows = (wikitext_windows(tokenizer, config.ppl_data_dir, config.ppl_tokens, config.ppl_window)
                if config.ppl_data_dir else None)
     seconds: dict[str, float] = {}
