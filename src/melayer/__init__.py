@@ -16,6 +16,12 @@ _EXPORTS = {
     "WeMaskConfig": "melayer.wemask",
     "wemask": "melayer.wemask",
     "apply_wemask": "melayer.wemask",
+    "ExplainConfig": "melayer.explain",
+    "explain": "melayer.explain",
+    "EvalConfig": "melayer.evaluate",
+    "run_eval": "melayer.evaluate",
+    "TrainConfig": "melayer.train",
+    "train": "melayer.train",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -85,10 +85,9 @@ class ResidualCapture:
                 delim_sel = torch.zeros_like(ctx.valid)
             else:
                 delim_sel = ctx.chunk_pos[None, :] == delim.to(ctx.chunk_pos.device)[:, None]
-            with torch.no_grad():
-                stats = reduce_hidden(block_output(output).detach(), ctx.valid, ctx.first_token(), delim_sel,
-                                      ctx.first, self.top_k)
-            self.stats[index] = LayerStats(**{k: v.cpu() for k, v in vars(stats).items()})
+            with torch.no_grad():  # stays on the device: one transfer after the forward, no per-block sync
+                self.stats[index] = reduce_hidden(block_output(output).detach(), ctx.valid, ctx.first_token(),
+                                                  delim_sel, ctx.first, self.top_k)
 
         return hook
 
@@ -102,7 +101,7 @@ class ResidualCapture:
         adapter_for(self.model).decoder(self.model)(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
         )
-        return [self.stats[i] for i in range(len(self.stats))]
+        return [LayerStats(**{k: v.cpu() for k, v in vars(self.stats[i]).items()}) for i in range(len(self.stats))]
 
     def remove(self) -> None:
         self.hooks.remove()

@@ -32,14 +32,6 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _table(columns, rows) -> str:
-    """markdown_table with "|" escaped inside text cells (|h|, |γ| would split a cell)."""
-    def esc(v):
-        return v.replace("|", "\\|") if isinstance(v, str) else v
-
-    return markdown_table([esc(c) for c in columns], [[esc(v) for v in row] for row in rows])
-
-
 def _verdict(ok: Optional[bool]) -> str:
     return "not tested" if ok is None else ("holds" if ok else "does not hold")
 
@@ -150,7 +142,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
              f"(0-based, {r.me_layer_source}). Massive dims of token 0: {dims}. "
              f"{len(r.prompts)} prompts, fp32 statistics. Config: `explain_config.json`.", "",
              "## Paper claims", "",
-             _table(["claim", "verdict", "deciding number", "rule"],
+             markdown_table(["claim", "verdict", "deciding number", "rule"],
                             [(c.claim, f"**{c.verdict}**", c.number, c.rule) for c in verdicts])]
 
     n = r.rmsnorm
@@ -162,7 +154,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
                   f"ratio {n.scale_ratio:.3f} (rms {n.rms_token0:.4g} vs {n.rms_others:.4g}). "
                   f"‖γ⊙x̂‖ (the FFN input): token 0 {n.ffn_input_norm_token0:.4g}, others {n.ffn_input_norm_others:.4g}. "
                   f"Median |γ| = {n.gamma_abs_median:.4g}.", "",
-                  _table(["dim", "γ", "|γ| percentile", "h tok0", "|h| others", "x̂ tok0", "|x̂| others",
+                  markdown_table(["dim", "γ", "|γ| percentile", "h tok0", "|h| others", "x̂ tok0", "|x̂| others",
                                   "γ⊙x̂ tok0", "|γ⊙x̂| others"],
                                  zip(n.dims, n.gamma_dims, n.gamma_percentile, n.h_token0, n.h_others,
                                      n.xhat_token0, n.xhat_others, n.gxhat_token0, n.gxhat_others)),
@@ -172,7 +164,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
     lines += ["## 2. FFN neurons at the ME layer", "",
               f"contribution_j = act_j × W_down[dim, j], act = σ(gate)·up; token 0, mean over prompts "
               f"({f.intermediate_size} neurons).", "",
-              _table(["dim", "FFN out tok0", "Σ contributions", "|FFN out| others", "top neurons",
+              markdown_table(["dim", "FFN out tok0", "Σ contributions", "|FFN out| others", "top neurons",
                               "neurons for 50/90/99 %"],
                              [(d.dim, d.ffn_output, d.attributed, d.others_abs, ", ".join(map(str, d.top_neurons[:5])),
                                "/".join(str(d.neurons_for_share[k]) for k in ("0.5", "0.9", "0.99")))
@@ -186,7 +178,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
               f"Token 0's max |h| at the ME output (block {me}) and the last block, mean over the {ab.measured_on}; "
               f"{ppl_note}. {ab.alpha_convention}. FFN cap c = {ab.cap:g}. Sun et al.'s mean values: "
               f"{[round(v, 2) for v in ab.sun_mean_values]}.", "",
-              _table(["setting", "group", "max |h| tok0 @ME", "spike left", "max |h| tok0 @last",
+              markdown_table(["setting", "group", "max |h| tok0 @ME", "spike left", "max |h| tok0 @last",
                               f"dim {dims[0]} @ME", f"dim {dims[0]} @last", "PPL"],
                              [(x.name, x.group, x.token0_max_me, x.spike_left, x.token0_max_last,
                                x.token0_dims_me[0], x.token0_dims_last[0], x.ppl) for x in ab.rows]),
@@ -197,7 +189,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
               f"Token 0, dim {dims[0]}: carried residual entering each block and what its attention and FFN "
               f"write (post-sandwich norms included). Decomposition self-check: max |in + attn + ffn − out| = "
               f"{p.max_residual_error:.3g}.", "",
-              _table(["block", "carried", "attention write", "FFN write", "out", "relative change"],
+              markdown_table(["block", "carried", "attention write", "FFN write", "out", "relative change"],
                              [(b.block, b.carried[0], b.attn[0], b.ffn[0], b.out[0], b.relative_change)
                               for b in p.blocks[me:]]),
               "![propagation](propagation.png)", ""]
@@ -206,7 +198,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
     lines += ["## 5. Rigidity", "",
               "Cosine similarity of token 0 across layers (heatmaps) and between token 0 of different prompts "
               "at each layer (curves); ordinary tokens for reference.", "",
-              _table(["stream", "tok0 across inputs ≤ME", "tok0 across inputs >ME",
+              markdown_table(["stream", "tok0 across inputs ≤ME", "tok0 across inputs >ME",
                               "ordinary ≤ME", "ordinary >ME"],
                              [(name, _mean(s.token0_across[:me + 1]), _mean(s.token0_across[me + 1:]),
                                _mean(s.other_across[:me + 1]), _mean(s.other_across[me + 1:]))
@@ -215,7 +207,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
 
     d = r.diversity
     lines += ["## 6. Diversity of attention inputs (effective rank)", "",
-              _table(["WeMask rate", "masked dims", f"layer {me + 1}", "mean ≤ME", "mean >ME"],
+              markdown_table(["WeMask rate", "masked dims", f"layer {me + 1}", "mean ≤ME", "mean >ME"],
                              [(c.rate, c.masked_dims, c.effective_rank[min(me + 1, r.num_layers - 1)],
                                _mean(c.effective_rank[:me + 1]), _mean(c.effective_rank[me + 1:]))
                               for c in d.curves]),
@@ -226,7 +218,7 @@ def markdown(r: "ExplainResult", verdicts: list[Claim]) -> str:
               f"Mass on token 0, mean over heads (and prompts). Onset (first layer ≥ {s.threshold}): "
               f"mean over queries {s.onset_layer}, last query {s.onset_layer_last}; largest rise at layer "
               f"{s.jump_layer}; ME layer {me}.", "",
-              _table(["WeMask rate", f"layer {me + 1} (mean q)", "mean >ME (mean q)",
+              markdown_table(["WeMask rate", f"layer {me + 1} (mean q)", "mean >ME (mean q)",
                               f"layer {me + 1} (last q)", "mean >ME (last q)"],
                              [(c.rate, c.mass_mean[min(me + 1, r.num_layers - 1)], _mean(c.mass_mean[me + 1:]),
                                c.mass_last[min(me + 1, r.num_layers - 1)], _mean(c.mass_last[me + 1:]))
