@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny
+from conftest import make_tiny
 from _paper_qwen3 import paper_wemask
 from melayer.adapters import adapter_for
 from melayer.errors import MelayerError

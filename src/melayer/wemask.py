@@ -11,7 +11,6 @@ in ``generate`` and in training.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
