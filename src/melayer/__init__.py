@@ -1,34 +1,23 @@
-"""melayer: find, explain and act on massive activations (the ME layer, WeMask) in decoder LLMs."""
+"""melayer: find, explain and act on massive activations (the ME layer, WeMask) in decoder LLMs.
+
+The public names are imported eagerly: several share their submodule's name (``scan``, ``wemask``,
+``explain``, ``train``), and binding the function here is what keeps ``melayer.scan(...)`` callable
+after ``import melayer.scan``.
+"""
 from __future__ import annotations
 
-import importlib
+from .adapters import adapter_for
+from .detect import MassiveCriterion
+from .errors import MelayerError
+from .evaluate import EvalConfig, run_eval
+from .explain import ExplainConfig, explain
+from .load import load_model
+from .scan import ScanConfig, ScanReport, find_me_layer, scan
+from .train import TrainConfig, train
+from .wemask import WeMaskConfig, apply_wemask, wemask
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "load_model": "melayer.load",
-    "MelayerError": "melayer.errors",
-    "adapter_for": "melayer.adapters",
-    "scan": "melayer.scan",
-    "ScanConfig": "melayer.scan",
-    "ScanReport": "melayer.scan",
-    "MassiveCriterion": "melayer.detect",
-    "WeMaskConfig": "melayer.wemask",
-    "wemask": "melayer.wemask",
-    "apply_wemask": "melayer.wemask",
-    "ExplainConfig": "melayer.explain",
-    "explain": "melayer.explain",
-    "EvalConfig": "melayer.evaluate",
-    "run_eval": "melayer.evaluate",
-    "TrainConfig": "melayer.train",
-    "train": "melayer.train",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    """Import on first use, so `import melayer` stays fast and light (torch loads only when needed)."""
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'melayer' has no attribute {name!r}")
+__all__ = ["EvalConfig", "ExplainConfig", "MassiveCriterion", "MelayerError", "ScanConfig", "ScanReport",
+           "TrainConfig", "WeMaskConfig", "adapter_for", "apply_wemask", "explain", "find_me_layer", "load_model",
+           "run_eval", "scan", "train", "wemask"]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -410,13 +408,3 @@ def generate_command(args) -> int:
             print(text)
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule binds ``melayer.wemask`` to the module, shadowing the lazily exported
-    context manager; making the module callable keeps ``with melayer.wemask(model, ...)`` working."""
-
-    def __call__(self, *args, **kwargs) -> wemask:
-        return wemask(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
