@@ -65,6 +65,29 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def read_config_json(cls, path: str | os.PathLike, filename: str, what: str) -> dict:
+    """The fields of a dataclass saved as JSON (``path`` is the file or the folder holding ``filename``).
+
+    Unreadable files, invalid JSON and unknown fields are one-line user errors.
+    """
+    from .errors import MelayerError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / filename
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MelayerError(f"cannot read {what} {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise MelayerError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict) or set(data) - fields:
+        extra = sorted(set(data) - fields) if isinstance(data, dict) else data
+        raise MelayerError(f"{what} {path} has unknown fields: {extra}")
+    return data
+
+
 class JsonlLog:
     """Append-only JSONL log that survives SIGKILL: one fsynced line per record.
 

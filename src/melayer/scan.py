@@ -10,7 +10,7 @@ import torch
 
 from .adapters import adapter_for, base_model, model_type
 from .capture import LayerStats, ResidualCapture
-from .detect import Event, MassiveCriterion, consensus, me_layer_of, prompt_events
+from .detect import MassiveCriterion, consensus, me_layer_of, prompt_events
 from .errors import MelayerError
 
 DELIMITERS = set(".,;:!?\n")

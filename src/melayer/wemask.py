@@ -12,7 +12,6 @@ in ``generate`` and in training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,20 +121,9 @@ class WeMaskConfig:
     @classmethod
     def load(cls, path) -> "WeMaskConfig":
         """Read a saved config from its JSON file or from the folder holding it."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise MelayerError(f"cannot read WeMask config {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise MelayerError(f"WeMask config {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - fields:
-            extra = sorted(set(data) - fields) if isinstance(data, dict) else data
-            raise MelayerError(f"WeMask config {path} has unknown fields: {extra}")
-        return cls(**data)
+        from .io import read_config_json
+
+        return cls(**read_config_json(cls, path, CONFIG_NAME, "WeMask config"))
 
 
 def _is_int(v) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -121,17 +120,9 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MelayerError(f"cannot read training config {path}: {e}") from None
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise MelayerError(f"training config {path} has unknown fields: {sorted(unknown)}")
-        return cls(**data)
+        from ..io import read_config_json
+
+        return cls(**read_config_json(cls, path, CONFIG_NAME, "training config"))
 
     def resume_mismatch(self, saved: "TrainConfig") -> list[str]:
         """Fields that differ from the saved run (a resumed run must be the same run)."""
