@@ -36,12 +36,12 @@ def main(argv=None) -> int:
 
     from melayer import load_model
     from melayer.evaluate import data
-    from melayer.evaluate.runner import encode, generate_texts
-    from melayer.generation import GenerationConfig, eos_ids
+    from melayer.evaluate.runner import generate_texts
+    from melayer.generation import GenerationConfig, encode_prompt, eos_ids
 
     model, tok = load_model(args.model, device="cpu", dtype="fp32")
     items = data.select(data.load("gsm8k", args.data_dir), args.items, args.seed)
-    prompts = [encode(tok, PAPER_PROMPT.format(q=it["question"]), chat=False) for it in items]
+    prompts = [encode_prompt(tok, PAPER_PROMPT.format(q=it["question"]), chat=False) for it in items]
     eos = eos_ids(tok, model)
 
     # the paper's protocol: one item at a time through plain generate

@@ -16,9 +16,9 @@ import torch
 from _eval_util import byte_tokenizer
 from conftest import make_tiny
 from melayer.errors import MelayerError
-from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks, encode, generate_texts,
+from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks, generate_texts,
                                      run_eval)
-from melayer.generation import GenerationConfig, eos_ids
+from melayer.generation import GenerationConfig, encode_prompt, eos_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_batched_logliks_equal_unbatched_sums(tiny):
 
 def test_batched_generation_equals_one_at_a_time(tiny):
     model, tok = tiny
-    prompts = [encode(tok, p, chat=True) for p in ("Hello there", "A much longer prompt about ducks and eggs", "x")]
+    prompts = [encode_prompt(tok, p, chat=True) for p in ("Hello there", "A much longer prompt about ducks and eggs", "x")]
     gen = GenerationConfig(max_new_tokens=6)
     eos = eos_ids(tok, model)
     batched = generate_texts(model, tok, prompts, gen, eos)

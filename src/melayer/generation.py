@@ -44,6 +44,17 @@ class GenerationConfig:
     #                        model, cache shape and hook set)
 
 
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a user message: through the chat template (which supplies its own special tokens) or raw."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MelayerError("chat: this tokenizer has no chat template (run without chat)")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
 def eos_ids(tokenizer, model=None) -> list[int]:
     """All end-of-turn ids: the tokenizer's EOS plus the generation config's (chat models end turns differently)."""
     ids = set()

@@ -12,6 +12,7 @@ from .adapters import adapter_for, base_model, model_type
 from .capture import LayerStats, ResidualCapture
 from .detect import MassiveCriterion, consensus, me_layer_of, prompt_events
 from .errors import MelayerError
+from .generation import encode_prompt
 
 DELIMITERS = set(".,;:!?\n")
 
@@ -73,12 +74,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 
 def encode(tokenizer, prompt: Prompt) -> list[int]:
-    if prompt.chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}], tokenize=True,
-                                            add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    else:
-        ids = tokenizer(prompt.text, add_special_tokens=True)["input_ids"]
+    ids = encode_prompt(tokenizer, prompt.text, prompt.chat)
     bos = tokenizer.bos_token_id
     if prompt.bos and bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids

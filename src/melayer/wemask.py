@@ -352,8 +352,9 @@ def _cli_config(args) -> Optional[WeMaskConfig]:
 
 
 def generate_command(args) -> int:
-    from .generation import GenerationConfig, eos_ids, generate_batch
+    from .generation import GenerationConfig, encode_prompt, eos_ids, generate_batch
     from .load import load_model
+    from .scan import left_pad
     from .report import console_table
 
     if args.max_new_tokens < 1:
@@ -367,15 +368,9 @@ def generate_command(args) -> int:
     if args.compare and config is None:
         raise MelayerError("--compare needs --wemask-rate (or a model saved with a WeMask config)")
 
-    texts = args.prompt
-    if args.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise MelayerError("--chat: this tokenizer has no chat template")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                               add_generation_prompt=True) for t in texts]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    ids, mask = left_pad([encode_prompt(tokenizer, t, args.chat) for t in args.prompt], tokenizer.pad_token_id)
     device = next(model.parameters()).device
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, mask = ids.to(device), mask.to(device)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     eos = eos_ids(tokenizer, model)
 

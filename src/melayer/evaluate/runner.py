@@ -18,6 +18,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..errors import MelayerError
+from ..generation import encode_prompt
 from ..io import JsonlLog, atomic_write_json
 from . import data
 from .tasks import Task, get_task
@@ -136,17 +137,6 @@ def row_key(row: dict) -> tuple[str, str, str]:
 
 
 # -- encoding -----------------------------------------------------------------------------------------
-
-def encode(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a user message: through the chat template (which supplies its own special tokens) or raw."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise MelayerError("--chat: this tokenizer has no chat template (use --no-chat)")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -298,7 +288,7 @@ def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -
     if task.kind == "generate":
         max_new = cfg.max_new_tokens or task.max_new_tokens
         enc = [(it, task.prompt(it)) for it in w.items]
-        enc = [(it, p, encode(tokenizer, p, cfg.chat)) for it, p in enc]
+        enc = [(it, p, encode_prompt(tokenizer, p, cfg.chat)) for it, p in enc]
         enc.sort(key=lambda t: -len(t[2]))  # similar lengths together: little padding
         eos = eos_ids(tokenizer, model)
         for batch in _batches(enc, size):
@@ -314,7 +304,7 @@ def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -
         for it in w.items:
             p = task.prompt(it)
             conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in task.continuations(it, cfg.chat)]
-            enc.append((it, p, encode(tokenizer, p, cfg.chat), conts))
+            enc.append((it, p, encode_prompt(tokenizer, p, cfg.chat), conts))
         enc.sort(key=lambda t: -len(t[2]))
         for batch in _batches(enc, size):
             lls = continuation_logliks(model, [b[2] for b in batch], [b[3] for b in batch], pad_id(tokenizer))
