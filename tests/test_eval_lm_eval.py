@@ -1,11 +1,13 @@
 """The lm-eval `melayer` model on a task with local data: its log-likelihoods equal our own computation, with
-and without WeMask, through the Python API and through the command line."""
+and without WeMask, through the Python API and through the command line (our wrapper and the bare `lm_eval`)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 from _eval_util import byte_tokenizer
@@ -79,10 +81,16 @@ def test_melayer_model_matches_our_logliks_without_wemask(setup, monkeypatch):
         assert g == pytest.approx(r, abs=1e-4)
 
 
-def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path):
+# The bare `lm_eval` script finds "melayer" only through the installed melayer-lm-eval.pth (see setup.py).
+LAUNCHERS = {"wrapper": [sys.executable, "-m", "melayer.evaluate.lm_eval_model"],
+             "bare_lm_eval": [str(Path(sysconfig.get_path("scripts"), "lm_eval"))]}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path, launcher):
     root, model, tok = setup
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "melayer.evaluate.lm_eval_model", "--model", "melayer", "--model_args",
+    cmd = [*LAUNCHERS[launcher], "--model", "melayer", "--model_args",
            f"pretrained={root / 'model'},wemask_rate=0.1,wemask_me_layer=1", "--device", "cpu",
            "--tasks", "melayer_tiny_mc", "--include_path", str(root / "tasks"), "--output_path", str(tmp_path),
            "--log_samples"]
@@ -98,3 +106,12 @@ def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path):
     for g, r in zip(got, masked):
         assert g == pytest.approx(r, abs=1e-4)
     assert masked != plain  # so the match above proves WeMask reached the harness's forward passes
+
+
+def test_pth_hook_imports_nothing_heavy_at_python_start():
+    code = "import sys; print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    loaded = set(done.stdout.split())
+    assert "_melayer_lm_eval" in loaded, "melayer-lm-eval.pth is not installed: reinstall melayer (pip install -e .)"
+    assert not loaded & {"torch", "transformers", "lm_eval", "melayer", "numpy"}

@@ -121,14 +121,14 @@ def test_hooks_see_absolute_positions_during_static_decode():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["correct", "paper"])
-def test_wemask_static_equals_hf(device, mode):
+@pytest.mark.parametrize("mode,per_sequence", [("correct", False), ("paper", False), ("paper", True)])
+def test_wemask_static_equals_hf(device, mode, per_sequence):
     from melayer.wemask import wemask
 
     model = make_tiny("qwen3").to(device)
     ids, mask = left_padded([7, 4, 10])
     plain = run(model, ids, mask, "hf")
-    with wemask(model, rate=0.2, me_layer=1, mode=mode) as handle:
+    with wemask(model, rate=0.2, me_layer=1, mode=mode, per_sequence=per_sequence) as handle:
         hf = run(model, ids, mask, "hf")
         fired_hf = handle.fired
         handle.reset()

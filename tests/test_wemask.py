@@ -345,6 +345,27 @@ def test_paper_mode_matches_independent_qwen3_reimplementation():
         assert torch.equal(a, b)
 
 
+def test_per_sequence_paper_mode_batched_equals_each_item_alone_under_the_literal_hook():
+    """The eval runner's paper mode: a left-padded batch gets, row by row, what the official hook does to
+    the item run alone (the paper's protocol), through prefill and every cached decode step."""
+    model = make_tiny("qwen3")
+    seqs = random_seqs([7, 4, 9])
+    ids, mask = left_pad(seqs)
+    with wemask(model, rate=0.25, me_layer=1, mode="paper", per_sequence=True) as handle:
+        batched = greedy(model, ids, mask, 6)
+        assert handle.fired == 3 * 6  # each row: its first token, then every new token
+    with wemask(model, rate=0.25, me_layer=1, mode="paper"):
+        literal_batch = greedy(model, ids, mask, 6)
+        alone = [greedy(model, *left_pad([s]), 6) for s in seqs]
+    width = ids.shape[1]
+    for row, ref in enumerate(alone):
+        assert torch.equal(batched.sequences[row, width:], ref.sequences[0, len(seqs[row]):])
+        for a, b in zip(batched.logits, ref.logits):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=1e-4)
+    # the literal hook on the same batch masks row 1's pad instead of its first token: the test can fail
+    assert not torch.allclose(literal_batch.logits[0][1], batched.logits[0][1], atol=1e-3)
+
+
 def test_correct_equals_paper_on_prefill_and_differs_only_in_decode():
     model = make_tiny("qwen3")
     ids, mask = left_pad(random_seqs([7]))  # one unpadded sequence: both modes pick the same dims

@@ -5,7 +5,8 @@ that module's input (the pre-attention norm's output, γ included), so the resid
 FFN input stay untouched. The first token is found by absolute position (:class:`TokenContext`),
 so during cached decoding new tokens are never masked while the cached K/V of position 0 stay
 masked, and left-padded batches equal their unbatched sequences. ``mode="paper"`` reproduces the
-official code instead: index 0 of every chunk, one dim set per batch (top-k of the batch mean).
+official code instead: index 0 of every chunk, one dim set per batch (top-k of the batch mean); with
+``per_sequence=True`` each sequence of a padded batch gets exactly what that code does to it run alone.
 The hooks are tensor-only (no host syncs) and out-of-place, so they work under torch.compile,
 in ``generate`` and in training.
 """
@@ -215,23 +216,44 @@ def _correct_hook(ctx, k: int, gamma: float, gain_fn, counter: torch.Tensor):
     return hook
 
 
-def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor):
+def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor, ctx=None):
+    """The official mask: index 0 of every chunk, one dim set per batch (top-k of the batch mean).
+
+    With ``ctx`` (``per_sequence``) each sequence gets what the official code does to it when it runs alone,
+    which is how the paper evaluated: its chunk's first real token is masked (the first token in the prefill,
+    every new token while decoding), with the top-k of that token's own |x|. A left-padded batch then equals
+    its items run one at a time through the literal hook.
+    """
     def hook(module, args, kwargs):
         x = _attn_input(args, kwargs)
-        # the official code ranks in the model's dtype: so do we, to pick the very same dims
-        score = gain_fn().to(x.device).abs() if gain_fn is not None else x[:, 0, :].abs().mean(dim=0)
-        chunk0 = torch.arange(x.shape[1], device=x.device) == 0
-        where = chunk0.view(1, -1, 1) & _dim_mask(score, k).view(1, 1, -1)
-        counter.add_(x.shape[0])
+        positions = torch.arange(x.shape[1], device=x.device)
+        if ctx is None:
+            # the official code ranks in the model's dtype: so do we, to pick the very same dims
+            score = gain_fn().to(x.device).abs() if gain_fn is not None else x[:, 0, :].abs().mean(dim=0)
+            where = (positions == 0).view(1, -1, 1) & _dim_mask(score, k).view(1, 1, -1)
+            counter.add_(x.shape[0])
+        else:
+            valid = ctx.valid.to(x.device)
+            row = valid.int().argmax(dim=1)  # chunk index of the first real token (0 for an all-pad chunk)
+            sel = (positions[None, :] == row[:, None]) & valid.any(dim=1, keepdim=True)
+            if gain_fn is not None:
+                score = gain_fn().to(x.device).abs().expand(x.shape[0], -1)
+            else:
+                score = x.gather(1, row.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1).abs()
+            where = sel.unsqueeze(-1) & _dim_mask(score, k).unsqueeze(1)
+            counter.add_(sel.sum())
         return _replace_input(args, kwargs, _apply(x, where, gamma))
 
     return hook
 
 
-def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, **fields) -> WeMaskHandle:
+def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *, per_sequence: bool = False,
+                 **fields) -> WeMaskHandle:
     """Register WeMask on ``model`` (a transformers or PEFT model); ``handle.remove()`` undoes it.
 
-    A config whose k is 0 (rate 0) registers nothing, so the model stays bit-identical.
+    A config whose k is 0 (rate 0) registers nothing, so the model stays bit-identical. ``per_sequence``
+    (paper mode only) applies the official mask to each sequence of a padded batch as if it ran alone, so the
+    paper's one-item-at-a-time protocol can run batched (correct mode is always per sequence).
     """
     from .adapters import adapter_for
     from .hooks import HookGroup, TokenContext
@@ -254,7 +276,7 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
                            f"(its attention reads the raw residual): use score='activation'")
     layers = config.resolve_layers(len(blocks))
     hooks = HookGroup()
-    ctx = TokenContext(model, hooks) if config.mode == "correct" else None
+    ctx = TokenContext(model, hooks) if config.mode == "correct" or per_sequence else None
     counters: dict[int, torch.Tensor] = {}
     with torch.inference_mode(False):
         for i in layers:
@@ -268,7 +290,7 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
             if config.mode == "correct":
                 fn = _correct_hook(ctx, k, config.gamma, gain_fn, counters[i])
             else:
-                fn = _paper_hook(k, config.gamma, gain_fn, counters[i])
+                fn = _paper_hook(k, config.gamma, gain_fn, counters[i], ctx)
             hooks.pre(adapter.attn_module(block), fn, with_kwargs=True)
     return WeMaskHandle(config, layers, k, hooks, counters)
 
@@ -287,7 +309,8 @@ class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.
     ``wemask(model, 0.01)`` (a rate), ``wemask(model, config)`` or ``wemask(model, rate=..., layers=...)``.
     """
 
-    def __init__(self, model, config: Union[WeMaskConfig, float, None] = None, tokenizer=None, **fields):
+    def __init__(self, model, config: Union[WeMaskConfig, float, None] = None, tokenizer=None, *,
+                 per_sequence: bool = False, **fields):
         if isinstance(config, WeMaskConfig):
             config = dataclasses.replace(config, **fields) if fields else config
         elif config is None:
@@ -295,10 +318,11 @@ class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.
         else:
             config = WeMaskConfig(rate=config, **fields)
         self._args = (model, config, tokenizer)
+        self._per_sequence = per_sequence
         self.handle: Optional[WeMaskHandle] = None
 
     def __enter__(self) -> WeMaskHandle:
-        self.handle = apply_wemask(*self._args)
+        self.handle = apply_wemask(*self._args, per_sequence=self._per_sequence)
         return self.handle
 
     def __exit__(self, *exc) -> None:

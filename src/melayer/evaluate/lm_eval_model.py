@@ -1,19 +1,27 @@
 """An lm-evaluation-harness model named ``melayer``: HFLM with WeMask applied, in the spirit of lm-eval's
 ``steered`` model (hooks on an unchanged HF model, nothing forked).
 
-    melayer-lm-eval --model melayer --model_args pretrained=default,wemask_rate=0.01 --tasks gsm8k
+    lm_eval --model melayer --model_args pretrained=default,wemask_rate=0.01 --tasks gsm8k
 
-``melayer-lm-eval`` (or ``python -m melayer.evaluate.lm_eval_model``) is lm-eval's own CLI with this model
-registered first: lm-eval 0.4.13 discovers models only by import, so a plain ``lm_eval --model melayer``
-needs ``import melayer.evaluate.lm_eval_model`` beforehand (the Python API, ``simple_evaluate(model="melayer")``
-after that import, works as is). ``pretrained`` takes every spec ``melayer.load_model`` does ("default", a hub
-id, a folder, a .gguf file). WeMask arguments: ``wemask_rate``, ``wemask_layers`` (after_me, from_after_me, me,
-or 0-based blocks joined by ":"), ``wemask_mode`` (correct or paper), ``wemask_me_layer``.
+lm-eval 0.4.13 discovers models only by import (no entry points), so installing melayer also installs
+``melayer-lm-eval.pth``: at interpreter start it loads the stdlib-only ``_melayer_lm_eval`` hook, which adds
+``melayer`` to lm-eval's model registry as a lazy placeholder whenever ``lm_eval.models`` is imported; this module
+is imported only when the model is asked for. ``melayer-lm-eval`` (or ``python -m melayer.evaluate.lm_eval_model``)
+is the same CLI with this module imported first, and works without the .pth too; so does the Python API,
+``simple_evaluate(model="melayer")`` after ``import melayer.evaluate.lm_eval_model``. ``pretrained`` takes every
+spec ``melayer.load_model`` does ("default", a hub id, a folder, a .gguf file). WeMask arguments: ``wemask_rate``,
+``wemask_layers`` (after_me, from_after_me, me, or 0-based blocks joined by ":"), ``wemask_mode`` (correct or
+paper), ``wemask_me_layer``.
 """
 from __future__ import annotations
 
 import sys
 from typing import Optional
+
+if __name__ == "__main__":  # `python -m`: run the importable copy, whose MelayerLM is the one lm-eval registers
+    from melayer.evaluate.lm_eval_model import cli
+
+    sys.exit(cli())
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -56,7 +64,8 @@ class MelayerLM(HFLM):
             model.melayer_wemask = None
         tokenizer.padding_side = "left"
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
-        self.wemask_handle = apply_wemask(model, config, tokenizer=tokenizer) if config.rate > 0 else saved
+        self.wemask_handle = (apply_wemask(model, config, tokenizer=tokenizer, per_sequence=True) if config.rate > 0
+                              else saved)
 
 
 def cli() -> None:
@@ -64,7 +73,3 @@ def cli() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
