@@ -80,6 +80,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed static-engine runs (median)")
     p.add_argument("--hf-repeats", type=int, default=2, help="timed plain-generate runs (median)")
     p.add_argument("--compile", action="store_true", help="also time the static engine with torch.compile")
+    p.add_argument("--emulate-casts", action="store_true",
+                   help="also time static+compile with inductor's emulate_precision_casts (rounds fused bf16 "
+                        "intermediates as eager code does)")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="also compare plain generate with itself under harmless batch changes (two batches of "
+                        "half size; 8 extra left pads): how far bf16 greedy tokens move without any engine change")
     p.add_argument("--cost-split", action=argparse.BooleanOptionalAction, default=True,
                    help="time two lengths with EOS disabled to split fixed and per-step cost")
     p.add_argument("--wemask-rate", type=float, default=0.0, help="also run both engines with WeMask at this rate")
@@ -101,11 +107,24 @@ def main(argv=None) -> int:
     def static(n, stop=eos, compiled=False):
         return static_generate(model, ids, mask, n, stop, pad, compile=compiled)
 
+    def hf_on(rows, extra_pads=0):
+        x, m = ids[rows], mask[rows]
+        if extra_pads:
+            x = torch.cat([torch.full_like(x[:, :extra_pads], pad), x], 1)
+            m = torch.cat([torch.zeros_like(m[:, :extra_pads]), m], 1)
+        return generate_batch(model, x, m, GenerationConfig(max_new_tokens=args.max_new_tokens, engine="hf"), eos, pad)
+
+    def stack(outs):
+        width = max(o.shape[1] for o in outs)
+        return torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad) for o in outs])
+
     settings = [("plain", None)]
     if args.wemask_rate > 0:
         settings.append((f"wemask {args.wemask_rate}", dict(rate=args.wemask_rate, me_layer=args.me_layer)))
     engines = ["static", "static+compile"] if args.compile else ["static"]
-    results, costs = [], []
+    if args.emulate_casts:
+        engines.append("static+compile+casts")
+    results, costs, noise = [], [], []
     for label, wm in settings:
         handle = None
         if wm is not None:
@@ -115,8 +134,18 @@ def main(argv=None) -> int:
         hf(8)  # warm-up: kernels, cuBLAS handles, allocator
         hf_out, hf_s, hf_all = timed(lambda: hf(args.max_new_tokens), device, args.hf_repeats)
         n_hf = useful_tokens(hf_out, eos)
+        if args.noise_floor:
+            half = args.batch // 2
+            variants = {"hf, two batches of half size": stack([hf_on(slice(0, half)), hf_on(slice(half, None))]),
+                        "hf, 8 extra left pads": hf_on(slice(None), extra_pads=8)}
+            for name, out in variants.items():
+                noise.append({"setting": label, "variant": name, **agreement(hf_out, out, pad, eos)})
+                print(json.dumps(noise[-1]), flush=True)
         for engine in engines:
-            compiled = engine.endswith("compile")
+            compiled = "compile" in engine
+            if engine.endswith("casts"):
+                torch._dynamo.reset()  # dynamo would reuse the code compiled without the setting
+                torch._inductor.config.emulate_precision_casts = True
             t0 = time.perf_counter()
             static(args.max_new_tokens, compiled=compiled)  # warm-up at full length (compiles, allocates the cache)
             warm_s = time.perf_counter() - t0
@@ -141,6 +170,8 @@ def main(argv=None) -> int:
                 print(json.dumps(costs[-1]), flush=True)
         if handle is not None:
             handle.remove()
+        torch._inductor.config.emulate_precision_casts = False
+        torch._dynamo.reset()
 
     columns = ["setting", "engine", "hf tok/s", "static tok/s", "speed-up", "token match", "identical rows", "graph"]
     rows = [[r["setting"], r["engine"], round(r["hf_new_tok_per_s"]), round(r["static_new_tok_per_s"]),
@@ -156,8 +187,14 @@ def main(argv=None) -> int:
     console_table(f"greedy generation, batch {args.batch}, {args.max_new_tokens} new tokens, {env['gpu']}",
                   columns, rows)
     console_table("static engine cost split (EOS disabled)", cost_columns, cost_rows)
-    write_report(args.out, {"env": env, "results": results, "costs": costs},
+    noise_columns = ["setting", "plain generate vs itself", "token match", "identical rows"]
+    noise_rows = [[n["setting"], n["variant"], f"{100 * n['token_match_rate']:.2f}%",
+                   f"{n['rows_identical']}/{n['rows']}"] for n in noise]
+    if noise:
+        console_table("noise floor: plain generate under harmless batch changes", noise_columns, noise_rows)
+    write_report(args.out, {"env": env, "results": results, "costs": costs, "noise_floor": noise},
                  "# bench_generate_gpu\n\n" + markdown_table(columns, rows) + "\n" + markdown_table(cost_columns, cost_rows)
+                 + ("\n" + markdown_table(noise_columns, noise_rows) if noise else "")
                  + "\n```\n" + json.dumps(env) + "\n```\n")
     return 0
 

@@ -180,6 +180,25 @@ def test_generate_only_needs_no_scoring_libraries_then_score_only(tiny, data_dir
                                                                      for r in summary["results"]]
 
 
+def test_score_only_covers_every_command_that_wrote_to_the_out_dir(tiny, data_dir, tmp_path):
+    """One task per command into one out dir (the saved config is the last command's): the report still
+    covers every task and WeMask condition in the log, each paired against rate 0."""
+    model, tok = tiny
+    out = tmp_path / "multi"
+    run_eval(_cfg(out, data_dir, tasks=["mmlu"], wemask_rates=[0.0, 0.1], wemask_modes=["correct"], limit=4,
+                  generate_only=True),
+             model, tok, progress_bar=False)
+    run_eval(_cfg(out, data_dir, tasks=["xstest"], wemask_rates=[0.0], limit=4, generate_only=True),
+             model, tok, progress_bar=False)
+    assert json.loads((out / "eval_config.json").read_text())["tasks"] == ["xstest"]
+    summary = run_eval(EvalConfig(out=str(out), score_only=True))
+    assert summary["config"].tasks == ["xstest", "mmlu"]
+    got = {(r["task"], r["cond"]) for r in summary["results"]}
+    assert got == {("xstest", "0"), ("mmlu", "0"), ("mmlu", "0.1/correct")}
+    paired = [r for r in summary["results"] if r["cond"] == "0.1/correct"]
+    assert paired and all(r["n_paired"] == 4 for r in paired)
+
+
 @pytest.mark.real
 def test_smollm2_sweep_end_to_end(smollm2, data_dir, tmp_path):
     """The real model through the runner: WeMask at the ME layer's successor (block 12) moves MMLU

@@ -19,9 +19,16 @@ smol)  # resumes the first session's rows (rates 0, 0.01, part of 0.05), same mo
   ev "$MELAYER_GGUF" "${C[@]}" --wemask-rates 0,0.01 --wemask-mode paper
   ev "$MELAYER_GGUF" "${C[@]}" --wemask-rates 0,0.05,0.005
   ;;
-qwen)
-  ev "$QWEN_GGUF" --me-layer 1 --data-dir /tmp/evdata --batch-size 256 --generate-only --out /tmp/ev_qwen \
-     --tasks gsm8k,ifeval,xstest,math500 --wemask-rates 0,0.01,0.05,0.001
+qwen)  # task by task, both rates each, so that whatever finishes is paired
+  while pgrep -f bench_generate_gpu > /dev/null; do sleep 2; done  # the GPU benchmark runs alone
+  for task in gsm8k xstest ifeval math500; do
+    ev "$QWEN_GGUF" --me-layer 1 --data-dir /tmp/evdata --batch-size 256 --generate-only --out /tmp/ev_qwen \
+       --tasks $task --wemask-rates 0,0.01
+  done
+  ;;
+bench)
+  python3 benchmarks/bench_generate_gpu.py --model "$MELAYER_GGUF" --data-dir /tmp/evdata --batch 32 \
+    --max-new-tokens 256 --repeats 2 --hf-repeats 1 --compile --emulate-casts --noise-floor --no-cost-split --out /tmp/bgg
   ;;
 esac
 echo "== $(date +%T) job $job done"

@@ -356,10 +356,11 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
 
     cfg.validate()
     out = Path(cfg.out)
-    if cfg.score_only:  # the tasks and conditions are the generating run's
+    if cfg.score_only:  # the generating runs' tasks and conditions: every one that has rows in the log
         cfg = dataclasses.replace(saved_config(out), refusal_classifier=cfg.refusal_classifier, score_only=True,
                                   generate_only=False)
         score_existing(out, cfg.refusal_classifier)
+        _cover_logged(cfg, out)
         atomic_write_json(out / CONFIG_NAME, cfg)
         return _summarise(cfg, out)
     if model is None:
@@ -397,6 +398,21 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
     if cfg.generate_only:
         return None
     return _summarise(cfg, out)
+
+
+def _cover_logged(cfg: EvalConfig, out: Path) -> None:
+    """Extend ``cfg`` with the tasks, rates and modes found in the log: an out dir filled by several commands
+    (say one task each) keeps only the last command's config, but its report must cover every row."""
+    def add(seq: list, value) -> None:
+        if value not in seq:
+            seq.append(value)
+
+    cfg.wemask_rates = list(cfg.wemask_rates or [0.0])
+    for r in JsonlLog(out / SAMPLES_NAME):
+        add(cfg.tasks, r["task"])
+        add(cfg.wemask_rates, float(r["rate"]))
+        if r["rate"]:
+            add(cfg.wemask_modes, r["mode"])
 
 
 def _summarise(cfg: EvalConfig, out: Path) -> dict:
