@@ -20,6 +20,7 @@ import torch
 from ..errors import MelayerError
 from ..generation import encode_prompt
 from ..io import JsonlLog, atomic_write_json
+from ..wemask import MODES
 from . import data
 from .tasks import Task, get_task
 
@@ -413,6 +414,8 @@ def _cover_logged(cfg: EvalConfig, out: Path) -> None:
         add(cfg.wemask_rates, float(r["rate"]))
         if r["rate"]:
             add(cfg.wemask_modes, r["mode"])
+    cfg.wemask_rates.sort()
+    cfg.wemask_modes.sort(key=lambda m: MODES.index(m))
 
 
 def _summarise(cfg: EvalConfig, out: Path) -> dict:
