@@ -8,7 +8,7 @@ OUT ?= out/scan-default
 
 .PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml requirements/base.txt requirements/eval.txt requirements/train.txt
+$(STAMP): pyproject.toml setup.py requirements/base.txt requirements/eval.txt requirements/train.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements/base.txt -r requirements/eval.txt -r requirements/train.txt
