@@ -6,7 +6,8 @@ on the same GSM8K items, greedy, with the outputs compared token for token.
 The paper's protocol is its GSM8K script's loop: the prompt "Please reason step by step and put your final
 answer within \\boxed{}.\\nQuestion: ..." without a chat template, ``model.generate`` on one item at a time.
 Ours feeds the same prompts to :func:`melayer.evaluate.runner.generate_texts` in length-sorted, left-padded
-batches. Batched fp32 greedy decoding can differ from unbatched decoding on rare near-ties of the top two
+batches, through the engine ``melayer eval`` uses (``auto``: on CPU the compact engine, which drops finished
+sequences from the batch; ``--engine hf`` measures plain batched ``generate``). Batched fp32 greedy decoding can differ from unbatched decoding on rare near-ties of the top two
 logits; mismatches are counted and printed, never hidden.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", default="auto", help="melayer's generation engine (auto = compact on CPU)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
 
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
 
     # ours: length-sorted left-padded batches (as the runner does)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, engine="hf")
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, engine=args.engine)
     t0 = time.perf_counter()
     ours = [None] * len(prompts)
     for s in range(0, len(order), args.batch_size):
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
 
     mismatch = [i for i in range(len(prompts)) if ours[i] != paper[i]]
     res = {"items": len(prompts), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+           "engine": args.engine,
            "threads": torch.get_num_threads(), "paper_s": t_paper, "ours_s": t_ours,
            "paper_items_per_s": len(prompts) / t_paper, "ours_items_per_s": len(prompts) / t_ours,
            "speedup": t_paper / t_ours, "mismatches": len(mismatch), "mismatch_items": [items[i]["id"] for i in mismatch]}

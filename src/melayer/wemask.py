@@ -253,7 +253,9 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
 
     A config whose k is 0 (rate 0) registers nothing, so the model stays bit-identical. ``per_sequence``
     (paper mode only) applies the official mask to each sequence of a padded batch as if it ran alone, so the
-    paper's one-item-at-a-time protocol can run batched (correct mode is always per sequence).
+    paper's one-item-at-a-time protocol can run batched (correct mode is always per sequence). Without it, the
+    paper hook's output depends on which sequences share the batch, so generate with ``engine="hf"``: the
+    compact engine drops finished sequences from the batch.
     """
     from .adapters import adapter_for
     from .hooks import HookGroup, TokenContext
@@ -405,7 +407,7 @@ def generate_command(args) -> int:
     plain = run() if (args.compare or config is None) else None
     masked = None
     if config is not None:
-        with wemask(model, config, tokenizer=tokenizer) as handle:
+        with wemask(model, config, tokenizer=tokenizer, per_sequence=True) as handle:  # paper: as run one by one
             masked = run()
     if args.compare:
         title = f"WeMask {handle!r}"

@@ -66,7 +66,7 @@ def register_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None, help="local data folder (layout of shared/data); default: the hub")
     p.add_argument("--out", default="out/eval", help="output folder (resumed if it exists)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default 64)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap prompts in the chat template (default: on)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's default")

@@ -45,7 +45,7 @@ class EvalConfig:
     seed: int = 0
     data_dir: Optional[str] = None
     out: str = "out/eval"
-    batch_size: int = 16
+    batch_size: int = 64  # CPU: the compact engine drops finished rows, so big batches pay (bench_eval.md)
     chat: bool = True
     max_new_tokens: Optional[int] = None  # None: each task's default
     sample: bool = False
