@@ -7,8 +7,9 @@ The paper's protocol is its GSM8K script's loop: the prompt "Please reason step 
 answer within \\boxed{}.\\nQuestion: ..." without a chat template, ``model.generate`` on one item at a time.
 Ours feeds the same prompts to :func:`melayer.evaluate.runner.generate_texts` in length-sorted, left-padded
 batches, through the engine ``melayer eval`` uses (``auto``: on CPU the compact engine, which drops finished
-sequences from the batch; ``--engine hf`` measures plain batched ``generate``). Batched fp32 greedy decoding can differ from unbatched decoding on rare near-ties of the top two
-logits; mismatches are counted and printed, never hidden.
+sequences from the batch; ``--engine hf`` measures plain batched ``generate``). Batched fp32 greedy decoding
+can differ from unbatched decoding on rare near-ties of the top two logits; mismatches are counted and printed,
+never hidden.
 """
 from __future__ import annotations
 

@@ -80,9 +80,6 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed static-engine runs (median)")
     p.add_argument("--hf-repeats", type=int, default=2, help="timed plain-generate runs (median)")
     p.add_argument("--compile", action="store_true", help="also time the static engine with torch.compile")
-    p.add_argument("--emulate-casts", action="store_true",
-                   help="also time static+compile with inductor's emulate_precision_casts (rounds fused bf16 "
-                        "intermediates as eager code does)")
     p.add_argument("--noise-floor", action="store_true",
                    help="also compare plain generate with itself under harmless batch changes (two batches of "
                         "half size; 8 extra left pads): how far bf16 greedy tokens move without any engine change")
@@ -122,8 +119,6 @@ def main(argv=None) -> int:
     if args.wemask_rate > 0:
         settings.append((f"wemask {args.wemask_rate}", dict(rate=args.wemask_rate, me_layer=args.me_layer)))
     engines = ["static", "static+compile"] if args.compile else ["static"]
-    if args.emulate_casts:
-        engines.append("static+compile+casts")
     results, costs, noise = [], [], []
     for label, wm in settings:
         handle = None
@@ -142,10 +137,7 @@ def main(argv=None) -> int:
                 noise.append({"setting": label, "variant": name, **agreement(hf_out, out, pad, eos)})
                 print(json.dumps(noise[-1]), flush=True)
         for engine in engines:
-            compiled = "compile" in engine
-            if engine.endswith("casts"):
-                torch._dynamo.reset()  # dynamo would reuse the code compiled without the setting
-                torch._inductor.config.emulate_precision_casts = True
+            compiled = engine.endswith("compile")
             t0 = time.perf_counter()
             static(args.max_new_tokens, compiled=compiled)  # warm-up at full length (compiles, allocates the cache)
             warm_s = time.perf_counter() - t0
@@ -170,8 +162,6 @@ def main(argv=None) -> int:
                 print(json.dumps(costs[-1]), flush=True)
         if handle is not None:
             handle.remove()
-        torch._inductor.config.emulate_precision_casts = False
-        torch._dynamo.reset()
 
     columns = ["setting", "engine", "hf tok/s", "static tok/s", "speed-up", "token match", "identical rows", "graph"]
     rows = [[r["setting"], r["engine"], round(r["hf_new_tok_per_s"]), round(r["static_new_tok_per_s"]),

@@ -28,7 +28,7 @@ qwen)  # task by task, both rates each, so that whatever finishes is paired
   ;;
 bench)
   python3 benchmarks/bench_generate_gpu.py --model "$MELAYER_GGUF" --data-dir /tmp/evdata --batch 32 \
-    --max-new-tokens 256 --repeats 2 --hf-repeats 1 --compile --emulate-casts --noise-floor --no-cost-split --out /tmp/bgg
+    --max-new-tokens 256 --repeats 2 --hf-repeats 1 --compile --noise-floor --no-cost-split --out /tmp/bgg
   ;;
 esac
 echo "== $(date +%T) job $job done"

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .adapters import adapter_for
+from .adapters import adapter_for, base_model
 from .errors import MelayerError
 
 ENGINES = ("auto", "hf", "static", "compact")
@@ -146,6 +146,23 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model takes it: greedy decoding reads the last position only."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters else {}
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` builds them from a left-padding mask (0 at each first real token)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _trim_after_last_eos(out: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """``out`` cut after the step where the last sequence emitted EOS, as ``generate`` returns it."""
+    finished = torch.isin(out, eos)
+    first_eos = torch.where(finished.any(1), finished.int().argmax(1), out.shape[1])
+    return out[:, :min(out.shape[1], int(first_eos.max()) + 1)]
+
+
 @torch.no_grad()
 def compact_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                      eos_token_ids: Sequence[int], pad_token_id: int) -> torch.Tensor:
@@ -157,16 +174,15 @@ def compact_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """
     from transformers import DynamicCache
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    extra = _last_logits_only(model)
     device = input_ids.device
     batch = input_ids.shape[0]
-    cache = DynamicCache(config=base.config)
+    cache = DynamicCache(config=base_model(model).config)
     cache_kw = _cache_keyword(model)
     eos = torch.tensor(sorted(set(int(i) for i in eos_token_ids)), dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     mask = attention_mask.to(device=device, dtype=torch.long)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    positions = _positions(mask)
     ids, alive = input_ids, torch.arange(batch, device=device)
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -183,10 +199,7 @@ def compact_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         ids = token[:, None]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions[:, -1:] + 1
-    finished = torch.isin(out, eos)
-    first_eos = torch.where(finished.any(1), finished.int().argmax(1), torch.full((batch,), max_new_tokens,
-                                                                                   device=device))
-    return out[:, :min(max_new_tokens, int(first_eos.max()) + 1)]
+    return _trim_after_last_eos(out, eos)
 
 
 def _mask_builder(decoder, keys: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -230,8 +243,7 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     decoder = adapter_for(model).decoder(model)
     cache_kw = _cache_keyword(model)
     takes_cache_position = "cache_position" in inspect.signature(decoder.forward).parameters
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    extra = _last_logits_only(model)
 
     device = input_ids.device
     batch, prompt_len = input_ids.shape
@@ -255,7 +267,7 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return logits[:, -1].argmax(dim=-1)
 
     prompt_slots = torch.arange(prompt_len, device=device)
-    positions = (mask2d.cumsum(-1) - 1).masked_fill(mask2d == 0, 0)
+    positions = _positions(mask2d)
     token = forward(input_ids, positions, prompt_slots)
     out[:, 0] = token
     done = torch.isin(token, eos)
@@ -303,10 +315,7 @@ def static_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         run()
         steps += 1
 
-    finished = torch.isin(out, eos)
-    first_eos = torch.where(finished.any(1), finished.int().argmax(1), torch.full_like(done, total, dtype=torch.long))
-    length = min(total, int(first_eos.max()) + 1)
-    return out[:, :length], StaticRunInfo(steps=steps, cuda_graph=cuda_graph)
+    return _trim_after_last_eos(out, eos), StaticRunInfo(steps=steps, cuda_graph=cuda_graph)
 
 
 def _capture(graph: "torch.cuda.CUDAGraph", stream: "torch.cuda.Stream", fn: Callable[[], None]) -> None:

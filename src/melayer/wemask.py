@@ -199,16 +199,20 @@ def _dim_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(score, dtype=torch.bool).scatter(-1, idx, True)
 
 
+def _token_scores(x: torch.Tensor, index: torch.Tensor, gain_fn) -> torch.Tensor:
+    """(B, H) ranking scores: |γ| (the same for every row) or |x| at each row's chunk index ``index`` (B,)."""
+    if gain_fn is not None:
+        return gain_fn().to(x.device).abs().expand(x.shape[0], -1)
+    return x.gather(1, index.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1).abs()
+
+
 def _correct_hook(ctx, k: int, gamma: float, gain_fn, counter: torch.Tensor):
     def hook(module, args, kwargs):
         x = _attn_input(args, kwargs)
         sel = ctx.first_token().to(x.device)  # (B, L): each sequence's first real token, if in this chunk
-        if gain_fn is not None:
-            score = gain_fn().to(x.device).abs().expand(x.shape[0], -1)
-        else:
-            row = sel.int().argmax(dim=1)  # chunk index of the first token (0 when absent: unused)
-            x0 = x.gather(1, row.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
-            score = x0.float().abs()
+        row = sel.int().argmax(dim=1)  # chunk index of the first token (0 when absent: unused)
+        score = _token_scores(x, row, gain_fn)
+        score = score if gain_fn is not None else score.float()  # activations ranked in fp32
         where = sel.unsqueeze(-1) & _dim_mask(score, k).unsqueeze(1)
         counter.add_(sel.sum())
         return _replace_input(args, kwargs, _apply(x, where, gamma))
@@ -236,11 +240,7 @@ def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor, ctx=None):
             valid = ctx.valid.to(x.device)
             row = valid.int().argmax(dim=1)  # chunk index of the first real token (0 for an all-pad chunk)
             sel = (positions[None, :] == row[:, None]) & valid.any(dim=1, keepdim=True)
-            if gain_fn is not None:
-                score = gain_fn().to(x.device).abs().expand(x.shape[0], -1)
-            else:
-                score = x.gather(1, row.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1).abs()
-            where = sel.unsqueeze(-1) & _dim_mask(score, k).unsqueeze(1)
+            where = sel.unsqueeze(-1) & _dim_mask(_token_scores(x, row, gain_fn), k).unsqueeze(1)
             counter.add_(sel.sum())
         return _replace_input(args, kwargs, _apply(x, where, gamma))
 

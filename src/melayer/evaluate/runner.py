@@ -361,9 +361,10 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
         cfg = dataclasses.replace(saved_config(out), refusal_classifier=cfg.refusal_classifier, score_only=True,
                                   generate_only=False)
         score_existing(out, cfg.refusal_classifier)
-        _cover_logged(cfg, out)
+        rows = list(JsonlLog(out / SAMPLES_NAME))
+        _cover_logged(cfg, rows)
         atomic_write_json(out / CONFIG_NAME, cfg)
-        return _summarise(cfg, out)
+        return _summarise(cfg, out, rows)
     if model is None:
         model, tokenizer = load_for_eval(cfg)
     model.eval()
@@ -401,7 +402,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
     return _summarise(cfg, out)
 
 
-def _cover_logged(cfg: EvalConfig, out: Path) -> None:
+def _cover_logged(cfg: EvalConfig, rows: list[dict]) -> None:
     """Extend ``cfg`` with the tasks, rates and modes found in the log: an out dir filled by several commands
     (say one task each) keeps only the last command's config, but its report must cover every row."""
     def add(seq: list, value) -> None:
@@ -409,7 +410,7 @@ def _cover_logged(cfg: EvalConfig, out: Path) -> None:
             seq.append(value)
 
     cfg.wemask_rates = list(cfg.wemask_rates or [0.0])
-    for r in JsonlLog(out / SAMPLES_NAME):
+    for r in rows:
         add(cfg.tasks, r["task"])
         add(cfg.wemask_rates, float(r["rate"]))
         if r["rate"]:
@@ -418,10 +419,10 @@ def _cover_logged(cfg: EvalConfig, out: Path) -> None:
     cfg.wemask_modes.sort(key=lambda m: MODES.index(m))
 
 
-def _summarise(cfg: EvalConfig, out: Path) -> dict:
+def _summarise(cfg: EvalConfig, out: Path, rows: Optional[list[dict]] = None) -> dict:
     from .summary import summarise, write_summary
 
-    rows = [r for r in JsonlLog(out / SAMPLES_NAME)]
+    rows = list(JsonlLog(out / SAMPLES_NAME)) if rows is None else rows
     summary = summarise(rows, cfg)
     write_summary(out, summary, cfg)
     return summary
