@@ -16,6 +16,7 @@ import torch
 from _eval_util import byte_tokenizer
 from conftest import make_tiny
 from melayer.errors import MelayerError
+from melayer.evaluate import stats
 from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks, generate_texts,
                                      run_eval)
 from melayer.generation import GenerationConfig, encode_prompt, eos_ids
@@ -84,6 +85,11 @@ def test_sweep_writes_rows_and_report_then_resumes_a_torn_log(tiny, data_dir, tm
     acc0 = [r["score"] for r in rows if r["task"] == "mmlu" and r["cond"] == "0"]
     assert res[("mmlu", "acc", "0")]["value"] == pytest.approx(sum(acc0) / 5)
     assert res[("mmlu", "acc", "0.1/paper")]["mcnemar_p"] is not None
+    # Holm over every comparison of the table: its raw p (McNemar, else bootstrap) adjusted, never below it
+    compared = [r for r in summary["results"] if "diff" in r]
+    raw = [r["mcnemar_p"] if r["mcnemar_p"] is not None else r["bootstrap_p"] for r in compared]
+    assert [r["holm_p"] for r in compared] == pytest.approx(stats.holm(raw))
+    assert all(r["holm_p"] >= p for r, p in zip(compared, raw)) and "holm_p" not in res[("mmlu", "acc", "0")]
     ppl = res[("wikitext2", "perplexity", "0")]
     assert ppl["ci"][0] <= ppl["value"] <= ppl["ci"][1] and ppl["value"] > 1
     xs = {k[1] for k in res if k[0] == "xstest"}

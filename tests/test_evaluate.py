@@ -218,6 +218,12 @@ def test_mcnemar_on_a_fixed_paired_table():
     assert res["diff_ci"][0] > 0 and res["bootstrap_p"] < 0.05
 
 
+def test_holm_adjustment_on_a_known_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert stats.holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([]) == [] and stats.holm([None]) == [None]
+
+
 def test_paired_bootstrap_no_effect_and_perplexity():
     import numpy as np
 

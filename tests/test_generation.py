@@ -228,6 +228,11 @@ def test_host_syncing_hook_falls_back_to_eager_decode():
             out, info = static_generate(model, ids.cuda(), mask.cuda(), 12, [2], PAD)
     assert not info.cuda_graph
     assert torch.equal(out.cpu(), hf)
+    # the failed capture must leave the device usable: random ops (sampling, inductor's benchmarks) and new captures
+    torch.randn(8, device="cuda")
+    out, info = static_generate(model, ids.cuda(), mask.cuda(), 12, [2], PAD)
+    assert info.cuda_graph
+    assert torch.equal(out.cpu(), run(model, ids, mask, "hf", max_new=12))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decode is a GPU feature (slow to compile on CPU)")

@@ -329,7 +329,20 @@ def _capture(graph: "torch.cuda.CUDAGraph", stream: "torch.cuda.Stream", fn: Cal
                 graph.capture_end()
             except RuntimeError:
                 pass  # the capture is already invalid; report the original error
+            _leave_rng_capture(stream)
             raise
+        graph.capture_end()
+
+
+def _leave_rng_capture(stream: "torch.cuda.Stream") -> None:
+    """Reset the CUDA RNG after a failed capture. torch ends the generator's capture mode only when a capture
+    succeeds, so after a failure every later random op on the device raises ("Offset increment outside graph
+    capture"), torch.compile's own benchmarking included. One trivial successful capture ends it."""
+    with torch.cuda.stream(stream):
+        scratch = torch.zeros(1, device=stream.device)
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        scratch.add_(1)
         graph.capture_end()
 
 

@@ -104,6 +104,18 @@ def paired_test(base: tuple[Sequence[float], Sequence[float]], other: tuple[Sequ
     return result
 
 
+def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm-Bonferroni adjusted p-values (None stays None). A sweep makes dozens of paired comparisons, so a few
+    raw p < 0.05 are expected by chance; the adjusted p controls the family-wise error under any dependence."""
+    idx = sorted((i for i, p in enumerate(pvalues) if p is not None), key=lambda i: pvalues[i])
+    out: list[Optional[float]] = [None] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (len(idx) - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
 def fmt_ci(ci: Optional[Sequence[float]]) -> str:
     if ci is None or any(v is None or v != v for v in ci):
         return "–"

@@ -12,7 +12,7 @@ from .tasks import get_task
 
 CSV_COLUMNS = ("task", "metric", "cond", "rate", "mode", "n", "value", "ci_low", "ci_high", "ci_method",
                "higher_is_better", "n_paired", "diff", "diff_ci_low", "diff_ci_high", "bootstrap_p", "mcnemar_p",
-               "only_base", "only_other")
+               "holm_p", "only_base", "only_other")
 
 
 def summarise(rows: list[dict], cfg) -> dict:
@@ -51,7 +51,19 @@ def summarise(rows: list[dict], cfg) -> dict:
                                                      ([vals[i][0] for i in common], [vals[i][1] for i in common]),
                                                      metric.binary, metric.exp, seed=cfg.seed))
                 results.append(res)
-    return {"config": cfg, "conditions": [c.key for c in conds], "results": results, "unscored_rows": unscored}
+    _add_holm(results)
+    present = {r["cond"] for r in results}  # a sweep of several commands need not cross every rate with every mode
+    return {"config": cfg, "conditions": [c.key for c in conds if c.key in present], "results": results,
+            "unscored_rows": unscored}
+
+
+def _add_holm(results: list[dict]) -> None:
+    """``holm_p``: each comparison's test p (McNemar for 0/1 items, else the paired bootstrap), Holm-adjusted over
+    every comparison against rate 0 in this summary."""
+    raw = [r.get("mcnemar_p") if r.get("mcnemar_p") is not None else r.get("bootstrap_p") for r in results]
+    for r, p in zip(results, stats.holm(raw)):
+        if "diff" in r:
+            r["holm_p"] = p
 
 
 def _csv_text(results: list[dict]) -> str:
@@ -75,11 +87,11 @@ def _p(v) -> str:
 def _table_rows(results: list[dict]) -> list[list]:
     return [[r["task"], r["metric"] + ("" if r["higher_is_better"] else " ↓"), r["cond"], r["n"], r["value"],
              stats.fmt_ci(r["ci"]), r.get("diff"), stats.fmt_ci(r.get("diff_ci")), _p(r.get("mcnemar_p")),
-             _p(r.get("bootstrap_p"))] for r in results]
+             _p(r.get("bootstrap_p")), _p(r.get("holm_p"))] for r in results]
 
 
 TABLE_COLUMNS = ["task", "metric", "WeMask", "n", "score", "95% CI", "Δ vs rate 0", "Δ 95% CI", "McNemar p",
-                 "bootstrap p"]
+                 "bootstrap p", "Holm p"]
 
 
 def markdown(summary: dict) -> str:
@@ -91,7 +103,8 @@ def markdown(summary: dict) -> str:
              f"(layers {cfg.wemask_layers}); limit {cfg.limit} (seed {cfg.seed}); chat {cfg.chat}; "
              f"{'sampling' if cfg.sample else 'greedy'}.", "",
              "95% CIs: Wilson for 0/1 items, item bootstrap otherwise. Δ is the paired difference against rate 0 "
-             "on the same items (bootstrap CI); McNemar is exact on the discordant pairs. ↓: lower is better.", "",
+             "on the same items (bootstrap CI); McNemar is exact on the discordant pairs. Holm p: the McNemar p (the bootstrap p where "
+             "there is none) adjusted for every comparison in this table (Holm-Bonferroni). ↓: lower is better.", "",
              markdown_table(TABLE_COLUMNS, _table_rows(summary["results"]))]
     if summary["unscored_rows"]:
         lines.append(f"\n{summary['unscored_rows']} rows are not scored yet: run `melayer eval --score-only "
