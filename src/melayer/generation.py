@@ -329,7 +329,10 @@ def _capture(graph: "torch.cuda.CUDAGraph", stream: "torch.cuda.Stream", fn: Cal
                 graph.capture_end()
             except RuntimeError:
                 pass  # the capture is already invalid; report the original error
-            _leave_rng_capture(stream)
+            try:
+                _leave_rng_capture(stream)
+            except RuntimeError:
+                pass  # best effort: the original error is the one to report
             raise
         graph.capture_end()
 
