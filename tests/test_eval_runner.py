@@ -87,7 +87,8 @@ def test_sweep_writes_rows_and_report_then_resumes_a_torn_log(tiny, data_dir, tm
     assert res[("mmlu", "acc", "0.1/paper")]["mcnemar_p"] is not None
     # Holm over every comparison of the table: its raw p (McNemar, else bootstrap) adjusted, never below it
     compared = [r for r in summary["results"] if "diff" in r]
-    raw = [r["mcnemar_p"] if r["mcnemar_p"] is not None else r["bootstrap_p"] for r in compared]
+    raw = [r["mcnemar_p"] if r["mcnemar_p"] is not None else max(r["bootstrap_p"], 1 / stats.N_BOOT)
+           for r in compared]
     assert [r["holm_p"] for r in compared] == pytest.approx(stats.holm(raw))
     assert all(r["holm_p"] >= p for r, p in zip(compared, raw)) and "holm_p" not in res[("mmlu", "acc", "0")]
     ppl = res[("wikitext2", "perplexity", "0")]

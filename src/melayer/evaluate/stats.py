@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+N_BOOT = 2000  # bootstrap resamples: a bootstrap p of 0 means p < 1 / N_BOOT
 
 
 def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
@@ -49,7 +50,7 @@ def _resample_index(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def bootstrap_ci(num: Sequence[float], den: Sequence[float], exp: bool = False, n_boot: int = 2000,
+def bootstrap_ci(num: Sequence[float], den: Sequence[float], exp: bool = False, n_boot: int = N_BOOT,
                  seed: int = 0, alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap CI of sum(num)/sum(den) (exp'd for perplexity), resampling items."""
     num_a, den_a = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
@@ -61,7 +62,7 @@ def bootstrap_ci(num: Sequence[float], den: Sequence[float], exp: bool = False, 
 
 
 def paired_bootstrap_diff(num_a: Sequence[float], den_a: Sequence[float], num_b: Sequence[float],
-                          den_b: Sequence[float], exp: bool = False, n_boot: int = 2000, seed: int = 0,
+                          den_b: Sequence[float], exp: bool = False, n_boot: int = N_BOOT, seed: int = 0,
                           alpha: float = 0.05) -> dict:
     """Difference B - A on the same items: point value, percentile CI and a two-sided bootstrap p-value
     (twice the smaller share of resampled differences on either side of 0)."""

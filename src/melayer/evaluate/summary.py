@@ -58,9 +58,11 @@ def summarise(rows: list[dict], cfg) -> dict:
 
 
 def _add_holm(results: list[dict]) -> None:
-    """``holm_p``: each comparison's test p (McNemar for 0/1 items, else the paired bootstrap), Holm-adjusted over
-    every comparison against rate 0 in this summary."""
-    raw = [r.get("mcnemar_p") if r.get("mcnemar_p") is not None else r.get("bootstrap_p") for r in results]
+    """``holm_p``: each comparison's test p (McNemar for 0/1 items, else the paired bootstrap, where 0 enters as its
+    resolution 1 / N_BOOT so that the adjusted value is an upper bound), Holm-adjusted over every comparison
+    against rate 0 in this summary."""
+    raw = [r.get("mcnemar_p") if r.get("mcnemar_p") is not None
+           else None if r.get("bootstrap_p") is None else max(r["bootstrap_p"], 1 / stats.N_BOOT) for r in results]
     for r, p in zip(results, stats.holm(raw)):
         if "diff" in r:
             r["holm_p"] = p
