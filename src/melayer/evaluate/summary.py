@@ -57,13 +57,19 @@ def summarise(rows: list[dict], cfg) -> dict:
             "unscored_rows": unscored}
 
 
+def _test_p(result: dict):
+    """The comparison's test p: McNemar for 0/1 items, else the paired bootstrap, whose 0 enters as its resolution
+    1 / N_BOOT (so that the adjusted value is an upper bound); None for the baseline, which compares nothing."""
+    if result.get("mcnemar_p") is not None:
+        return result["mcnemar_p"]
+    if result.get("bootstrap_p") is None:
+        return None
+    return max(result["bootstrap_p"], 1 / stats.N_BOOT)
+
+
 def _add_holm(results: list[dict]) -> None:
-    """``holm_p``: each comparison's test p (McNemar for 0/1 items, else the paired bootstrap, where 0 enters as its
-    resolution 1 / N_BOOT so that the adjusted value is an upper bound), Holm-adjusted over every comparison
-    against rate 0 in this summary."""
-    raw = [r.get("mcnemar_p") if r.get("mcnemar_p") is not None
-           else None if r.get("bootstrap_p") is None else max(r["bootstrap_p"], 1 / stats.N_BOOT) for r in results]
-    for r, p in zip(results, stats.holm(raw)):
+    """``holm_p``: each comparison's test p, Holm-adjusted over every comparison against rate 0 in this summary."""
+    for r, p in zip(results, stats.holm([_test_p(r) for r in results])):
         if "diff" in r:
             r["holm_p"] = p
 
@@ -105,8 +111,9 @@ def markdown(summary: dict) -> str:
              f"(layers {cfg.wemask_layers}); limit {cfg.limit} (seed {cfg.seed}); chat {cfg.chat}; "
              f"{'sampling' if cfg.sample else 'greedy'}.", "",
              "95% CIs: Wilson for 0/1 items, item bootstrap otherwise. Δ is the paired difference against rate 0 "
-             "on the same items (bootstrap CI); McNemar is exact on the discordant pairs. Holm p: the McNemar p (the bootstrap p where "
-             "there is none) adjusted for every comparison in this table (Holm-Bonferroni). ↓: lower is better.", "",
+             "on the same items (bootstrap CI); McNemar is exact on the discordant pairs. Holm p: the McNemar p "
+             "(the bootstrap p where there is none) adjusted for every comparison in this table (Holm-Bonferroni). "
+             "↓: lower is better.", "",
              markdown_table(TABLE_COLUMNS, _table_rows(summary["results"]))]
     if summary["unscored_rows"]:
         lines.append(f"\n{summary['unscored_rows']} rows are not scored yet: run `melayer eval --score-only "
