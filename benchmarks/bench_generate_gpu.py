@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     for label, wm in settings:
         handle = None
         if wm is not None:
-            from melayer.wemask import apply_wemask
+            from melayer.masking import apply_wemask
 
             handle = apply_wemask(model, tokenizer=tok, **wm)
         hf(8)  # warm-up: kernels, cuBLAS handles, allocator

@@ -29,7 +29,7 @@ from melayer.errors import MelayerError
 from melayer.generation import GenerationConfig, generate_batch, resolve_engine
 from melayer.io import atomic_write_json, atomic_write_text
 from melayer.report import console_table, markdown_table, progress
-from melayer.wemask import WeMaskConfig, apply_wemask, parse_layers
+from melayer.masking import WeMaskConfig, apply_wemask, parse_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from melayer.evaluate import EvalConfig, run_eval
 from melayer.evaluate.runner import SAMPLES_NAME
-from melayer.evaluate.stats import paired_test
+from melayer.stats import paired_test
 from melayer.io import JsonlLog
 from melayer.report import console_table, markdown_table, new_figure, write_report
-from melayer.train import TrainConfig, train
-from melayer.train.runner import FINAL_DIR
-from melayer.wemask import WeMaskConfig, parse_layers
+from melayer.training import TrainConfig, train
+from melayer.training.runner import FINAL_DIR
+from melayer.masking import WeMaskConfig, parse_layers
 
 
 def parse_args(argv=None):

@@ -10,8 +10,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from _eval_util import byte_tokenizer
-from conftest import make_tiny
+from helpers import byte_tokenizer, make_tiny
 from melayer.evaluate.runner import continuation_logliks
 
 QUESTIONS = [
@@ -48,7 +47,7 @@ def setup(tmp_path_factory):
 
 
 def _ours(model, tok, rate: float) -> list[list[float]]:
-    from melayer.wemask import wemask
+    from melayer.masking import wemask
 
     ctx = [tok(f"{q['question']}\nAnswer:")["input_ids"] for q in QUESTIONS]
     conts = [[tok(" " + c)["input_ids"] for c in q["choices"]] for q in QUESTIONS]

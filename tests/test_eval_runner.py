@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from _eval_util import byte_tokenizer
-from conftest import make_tiny
+from helpers import byte_tokenizer, make_tiny
 from melayer.errors import MelayerError
-from melayer.evaluate import stats
-from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks, generate_texts,
+from melayer import stats
+from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks,
                                      run_eval)
-from melayer.generation import GenerationConfig, encode_prompt, eos_ids
+from melayer.generation import GenerationConfig, generate_from_ids, generate_texts
+from melayer.text import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,11 @@ def test_batched_logliks_equal_unbatched_sums(tiny):
 
 def test_batched_generation_equals_one_at_a_time(tiny):
     model, tok = tiny
-    prompts = [encode_prompt(tok, p, chat=True) for p in ("Hello there", "A much longer prompt about ducks and eggs", "x")]
+    prompts = ("Hello there", "A much longer prompt about ducks and eggs", "x")
     gen = GenerationConfig(max_new_tokens=6)
-    eos = eos_ids(tok, model)
-    batched = generate_texts(model, tok, prompts, gen, eos)
-    assert batched == [generate_texts(model, tok, [p], gen, eos)[0] for p in prompts]
+    batched = generate_texts(model, tok, prompts, gen, chat=True)
+    assert batched == [generate_texts(model, tok, [p], gen, chat=True)[0] for p in prompts]
+    assert batched == generate_from_ids(model, tok, [encode_prompt(tok, p, chat=True) for p in prompts], gen)
 
 
 def _cfg(out, data_dir, **kw) -> EvalConfig:
@@ -123,8 +123,7 @@ def test_resume_refuses_other_settings(tiny, data_dir, tmp_path):
 CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from _eval_util import byte_tokenizer
-from conftest import make_tiny
+from helpers import byte_tokenizer, make_tiny
 from melayer.evaluate.runner import EvalConfig, run_eval
 cfg = EvalConfig(**json.loads(sys.argv[1]))
 run_eval(cfg, make_tiny("llama"), byte_tokenizer(), progress_bar=False)

@@ -2,14 +2,14 @@
 data loaders against the shared files, and the prompt formats."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 
 from melayer.errors import MelayerError
-from melayer.evaluate import data, scorers, stats
+from melayer import data
+from melayer import stats
+from melayer.evaluate import scorers
 from melayer.evaluate.tasks import TASKS, get_task
 
 # -- GSM8K ------------------------------------------------------------------------------------------------

@@ -5,20 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, left_padded, make_tiny
 from melayer.adapters import UnsupportedArchitecture, adapter_for
 from melayer.capture import ResidualCapture
-
-
-def _batch(lengths, vocab=320, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, n in enumerate(lengths):
-        ids[b, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[b, width - n:] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -35,7 +24,7 @@ def test_adapter_names_the_real_modules(family):
     h2 = block.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("block_in", (a[0] if a else k["hidden_states"]).detach()),
                                          with_kwargs=True)
     h3 = ad.mlp_module(block).register_forward_hook(lambda m, a, o: seen.update(mlp_in=a[0].detach(), mlp_out=o.detach()))
-    ids, mask = _batch([7, 5])
+    ids, mask = left_padded([7, 5])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     for h in (h1, h2, h3):
@@ -80,7 +69,7 @@ def _ground_truth(model, ids, mask):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_equals_output_hidden_states(family):
     model = make_tiny(family)
-    ids, mask = _batch([9, 6, 3], seed=1)
+    ids, mask = left_padded([9, 6, 3], seed=1)
     blocks = _ground_truth(model, ids, mask)
     delim = torch.tensor([4, -1, 8])  # absolute positions (left padded), -1: none
     with ResidualCapture(model) as cap:
@@ -106,7 +95,7 @@ def test_capture_equals_output_hidden_states(family):
 
 def test_capture_left_padding_matches_unbatched():
     model = make_tiny("qwen2")
-    ids, mask = _batch([10, 4], seed=2)
+    ids, mask = left_padded([10, 4], seed=2)
     with ResidualCapture(model) as cap:
         batched = cap.run(ids, mask)
         for b in range(2):
@@ -119,7 +108,7 @@ def test_capture_left_padding_matches_unbatched():
 
 
 def test_capture_bf16_statistics_are_fp32_and_close():
-    ids, mask = _batch([8, 5], seed=3)
+    ids, mask = left_padded([8, 5], seed=3)
     ref = ResidualCapture(make_tiny("llama")).run(ids, mask)
     low = ResidualCapture(make_tiny("llama", dtype=torch.bfloat16)).run(ids, mask)
     for a, b in zip(ref, low):
@@ -130,7 +119,7 @@ def test_capture_bf16_statistics_are_fp32_and_close():
 
 def test_capture_hooks_leave_the_model_unchanged():
     model = make_tiny("llama")
-    ids, mask = _batch([6, 6])
+    ids, mask = left_padded([6, 6])
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
         with ResidualCapture(model) as cap:

@@ -8,25 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny
+from helpers import PAD, left_padded, make_tiny
 from melayer.errors import MelayerError
 from melayer.generation import GenerationConfig, generate_batch, resolve_engine, static_generate
 from melayer.hooks import HookGroup, TokenContext
 from melayer.adapters import adapter_for
 
-PAD = 0
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def left_padded(lengths, seed=1, vocab=320):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
 
 
 def run(model, ids, mask, engine, max_new=24, eos=(2,)):
@@ -67,7 +55,7 @@ def test_engine_equals_hf_left_padding_and_eos(family, device, engine):
     if engine == "static" and family == "gemma2":
         pytest.skip("sliding-window layers: the static engine refuses them (test_engine_resolution)")
     model = make_tiny(family).to(device)
-    ids, mask = left_padded([9, 3, 6, 1])
+    ids, mask = left_padded([9, 3, 6, 1], seed=1)
     eos = frequent_token(model, ids, mask)
     hf = run(model, ids, mask, "hf", eos=(eos,))
     out = run(model, ids, mask, engine, eos=(eos,))
@@ -82,7 +70,7 @@ def test_compact_drops_finished_rows_and_still_equals_generate():
     from melayer.generation import compact_generate
 
     model = make_tiny("llama")
-    ids, mask = left_padded([5, 7, 3])
+    ids, mask = left_padded([5, 7, 3], seed=1)
     ref = run(model, ids, mask, "hf", max_new=12, eos=(PAD,))
     eos = sorted({int(ref[0, 2]), int(ref[1, 8])})
     hf = run(model, ids, mask, "hf", max_new=40, eos=eos)
@@ -99,7 +87,7 @@ def test_compact_drops_finished_rows_and_still_equals_generate():
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_stops_early_and_pads_after_eos(device):
     model = make_tiny("llama").to(device)
-    ids, mask = left_padded([5, 7])
+    ids, mask = left_padded([5, 7], seed=1)
     ref = run(model, ids, mask, "hf", max_new=12, eos=(PAD,))
     eos = sorted({int(ref[0, 3]), int(ref[1, 9])})  # every row ends by step 9, at different steps
     hf = run(model, ids, mask, "hf", max_new=64, eos=eos)
@@ -116,7 +104,7 @@ def test_static_stops_early_and_pads_after_eos(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_position_sensitive_hook_is_exact(device, engine):
     model = make_tiny("llama").to(device)
-    ids, mask = left_padded([8, 2, 5])
+    ids, mask = left_padded([8, 2, 5], seed=1)
     plain = run(model, ids, mask, "hf", max_new=20)
     with position_hook(model):
         hf = run(model, ids, mask, "hf", max_new=20)
@@ -127,7 +115,7 @@ def test_position_sensitive_hook_is_exact(device, engine):
 
 def test_hooks_see_absolute_positions_during_static_decode():
     model = make_tiny("llama")
-    ids, mask = left_padded([6, 3])
+    ids, mask = left_padded([6, 3], seed=1)
     seen = []
     with HookGroup() as hooks:
         ctx = TokenContext(model, hooks)
@@ -148,13 +136,13 @@ def test_hooks_see_absolute_positions_during_static_decode():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode,per_sequence", [("correct", False), ("paper", False), ("paper", True)])
 def test_wemask_engine_equals_hf(device, mode, per_sequence, engine):
-    from melayer.wemask import wemask
+    from melayer.masking import wemask
 
     if engine == "compact" and mode == "paper" and not per_sequence:
         pytest.skip("the literal index-0 hook masks a pad of the batch's shorter rows: its output depends on which "
                     "rows share the batch, which compaction changes by design (eval uses per_sequence)")
     model = make_tiny("qwen3").to(device)
-    ids, mask = left_padded([7, 4, 10])
+    ids, mask = left_padded([7, 4, 10], seed=1)
     plain = run(model, ids, mask, "hf")
     with wemask(model, rate=0.2, me_layer=1, mode=mode, per_sequence=per_sequence) as handle:
         hf = run(model, ids, mask, "hf")
@@ -192,7 +180,7 @@ def test_engine_resolution():
 
 def test_eager_attention_matches_generate():
     model = make_tiny("llama", attn_implementation="eager")
-    ids, mask = left_padded([5, 9, 2])
+    ids, mask = left_padded([5, 9, 2], seed=1)
     assert torch.equal(run(model, ids, mask, "static"), run(model, ids, mask, "hf"))
 
 
@@ -218,7 +206,7 @@ def test_real_model_static_equals_hf(smollm2):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_host_syncing_hook_falls_back_to_eager_decode():
     model = make_tiny("llama").to("cuda")
-    ids, mask = left_padded([4, 6])
+    ids, mask = left_padded([4, 6], seed=1)
     calls = []
     ad = adapter_for(model)
     with HookGroup() as hooks:  # reads a value back to the host on every forward: cannot be captured
@@ -238,7 +226,7 @@ def test_host_syncing_hook_falls_back_to_eager_decode():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled decode is a GPU feature (slow to compile on CPU)")
 def test_compiled_decode_follows_hooks_added_and_removed_after_compiling():
     model = make_tiny("llama").to("cuda")
-    ids, mask = left_padded([8, 2, 5])
+    ids, mask = left_padded([8, 2, 5], seed=1)
     plain = run(model, ids, mask, "hf", max_new=20)
 
     def compiled():

@@ -8,57 +8,151 @@ import sys
 import pytest
 import torch
 
-from melayer.capture import LayerStats
-from melayer.detect import MassiveCriterion, me_layer_of, prompt_events
+from melayer.capture import reduce_hidden
+from melayer.detect import MassiveCriterion, Profile, emergence, prompt_events
 
 
-def _stats(values_per_block, median=1.0):
-    """One-sequence LayerStats whose only large elements are given as {(pos, dim): value} per block."""
-    out = []
-    for elems in values_per_block:
-        items = sorted(elems.items(), key=lambda kv: -kv[1]) + [((5, 5), 0.5)]
-        vals = torch.tensor([[v for _, v in items]])
-        pos = torch.tensor([[p for (p, _), _ in items]])
-        dims = torch.tensor([[d for (_, d), _ in items]])
-        z = torch.zeros(1, 8)
-        out.append(LayerStats(max_abs=vals[:, 0], max_pos=pos[:, 0], max_dim=dims[:, 0],
-                              median_abs=torch.tensor([median]), first_abs=z, delim_abs=z, rest_max_abs=z,
-                              first_norm=torch.zeros(1), rest_norm=torch.zeros(1), top_values=vals, top_pos=pos,
-                              top_dims=dims))
-    return out
+D = 16  # hidden size of the synthetic profiles
 
 
-def test_transient_spike_then_persistent_massive():
-    spike, big = {(0, 7): 700.0}, {(0, 7): 20000.0}
-    blocks = [{}, spike, spike, spike, {}, {}, big, big, big, big, big, {}]
-    events = prompt_events(_stats(blocks), 0, MassiveCriterion())
-    assert me_layer_of(events) == 6
+def _profile(first=None, delim=None, other=None, median=None, blocks=30, embed=1.0):
+    """A Profile whose tracked values are given as {block: {dim: value}} per carrier (embedding row: ``embed``)."""
+    def grid(spec):
+        t = torch.full((blocks + 1, D), 0.5)
+        t[0] = embed
+        for block, dims in (spec or {}).items():
+            for d, v in dims.items():
+                t[block + 1, d] = v
+        return t
+
+    med = torch.ones(blocks + 1) if median is None else torch.tensor([median[0]] + list(median), dtype=torch.float)
+    zeros = torch.zeros(blocks + 1, D, dtype=torch.long)
+    return Profile(values={"first": grid(first), "delimiter": grid(delim), "other": grid(other)}, median=med,
+                   positions={"first": zeros, "delimiter": zeros + 3, "other": zeros + 5},
+                   massive_count=torch.zeros(blocks + 1), massive_tokens=torch.zeros(blocks + 1),
+                   nonfinite=torch.zeros(blocks + 1))
+
+
+def _run(values: dict, blocks: int = 30) -> dict:
+    """{block: value} from ``start`` on, the value held to the end (0.5 elsewhere)."""
+    return {b: {7: v} for b, v in values.items()}
+
+
+def _held(start: int, value: float, blocks: int = 30, end: int | None = None) -> dict:
+    return {b: value for b in range(start, end if end is not None else blocks)}
+
+
+C = MassiveCriterion()
+
+
+def test_abrupt_birth_is_single_and_earlier_spike_is_transient():
+    """SmolLM2's shape: a ~700 spike on token 0 in blocks 1-8 fades, then block 11 writes ~23,000 that stays."""
+    values = {**_held(1, 700.0, end=9), **_held(11, 23000.0, end=28), 28: 9000.0, 29: 4000.0}
+    p = _profile(first=_run(values))
+    events = prompt_events(p, C)
     persistent = [e for e in events if e.persistent]
-    transient = [e for e in events if not e.persistent]
-    assert len(persistent) == 1 and (persistent[0].start, persistent[0].end) == (6, 10)
-    assert persistent[0].fraction == pytest.approx(5 / 6)
-    assert [(e.start, e.end, e.kind) for e in transient] == [(1, 3, "spike")]
+    assert len(persistent) == 1 and (persistent[0].carrier, persistent[0].dim, persistent[0].start) == ("first", 7, 11)
+    assert [(e.start, e.end, e.kind) for e in events if not e.persistent] == [(1, 8, "spike")]
+    em = emergence([p], C)
+    assert (em.kind, em.me_layer, em.me_layer_1based, em.first_massive_block, em.carrier) == ("single", 11, 12, 11,
+                                                                                                "first")
+    assert em.shares[11] == pytest.approx((23000 - 0.5) / 23000, rel=1e-4) and em.major_blocks == [11]
 
 
-def test_massive_that_fades_is_not_the_me_layer():
-    big = {(0, 3): 5000.0}
-    blocks = [big, big, {}, {}, {}, {}, {}, {}, {}, {}]
-    events = prompt_events(_stats(blocks), 0, MassiveCriterion())
-    assert me_layer_of(events) is None
-    assert events[0].kind == "massive" and not events[0].persistent
+def test_gradual_growth_with_a_growing_median_is_gradual_not_none():
+    """Gemma-like: token 0 massive from block 0 (3,000) and growing ~35x by block 14 while the median grows
+    from 0.5 to 200 (the ratio falls below 1000 late): it persists relative to itself; no single ME layer."""
+    blocks = 18
+    value = [3000.0 * (35 ** (min(b, 14) / 14)) for b in range(blocks)]
+    median = [0.5 * (400 ** (min(b, 14) / 14)) for b in range(blocks)]
+    p = _profile(first={b: {2: v} for b, v in enumerate(value)}, median=median, blocks=blocks)
+    assert value[14] / median[14] < 1000  # the old fixed-ratio rule loses it late
+    em = emergence([p], C)
+    assert (em.kind, em.me_layer, em.me_layer_1based, em.first_massive_block) == ("gradual", None, None, 0)
+    assert max(em.shares.values()) < C.step_share and em.carrier == "first"
+
+
+def test_two_step_birth_is_multi_step_and_names_both_blocks():
+    """Qwen2.5-Coder's shape: block 1 writes ~34% of the final value, block 2 ~58%, the rest a little."""
+    values = {0: 40.0, 1: 3440.0, **_held(2, 9240.0, blocks=28), 27: 10000.0}
+    em = emergence([_profile(first=_run(values), blocks=28)], C)
+    assert em.kind == "multi_step" and em.me_layer == 1 and em.major_blocks == [1, 2]
+    assert em.shares[1] == pytest.approx(0.34, abs=0.01) and em.shares[2] == pytest.approx(0.58, abs=0.01)
+    assert "no single block" in em.note
+
+
+def test_massive_value_on_a_delimiter_is_reported_as_such():
+    em = emergence([_profile(delim=_run(_held(5, 5000.0)))], C)
+    assert em.carrier == "delimiter" and em.kind == "single" and em.me_layer == 5
+    assert "first delimiter" in em.note and "not the first token" in em.note
+
+
+def test_nothing_persists_is_none():
+    em = emergence([_profile(first=_run(_held(3, 5000.0, end=6)))], C)
+    assert (em.kind, em.me_layer, em.carrier) == ("none", None, None)
 
 
 def test_thresholds_are_configurable_and_relative_to_the_median():
-    blocks = [{(0, 1): 500.0}] * 4
-    assert me_layer_of(prompt_events(_stats(blocks), 0, MassiveCriterion())) is None  # 500 < 1000 × median
-    assert me_layer_of(prompt_events(_stats(blocks), 0, MassiveCriterion(ratio=400))) == 0
-    assert me_layer_of(prompt_events(_stats(blocks, median=2.0), 0, MassiveCriterion(ratio=400))) is None
+    p = _profile(first=_run(_held(0, 500.0)))
+    assert emergence([p], C).kind == "none"  # 500 < 1000 × median 1
+    assert emergence([p], MassiveCriterion(ratio=400)).me_layer == 0
+    p2 = _profile(first=_run(_held(0, 500.0)), median=[2.0] * 30)
+    assert emergence([p2], MassiveCriterion(ratio=400)).kind == "none"
+
+
+def test_exact_counts_and_token0_beyond_32_larger_tokens():
+    """40 other tokens carry larger massive values than token 0: token 0 is still followed (its own row), and
+    massive entries are counted exactly (the old top-32 candidates would have hidden token 0)."""
+    h = torch.randn(1, 50, D) * 0.1
+    h[0, 0, 3] = 2000.0
+    h[0, 5:45, 9] = 9000.0
+    valid = torch.ones(1, 50, dtype=torch.bool)
+    first_sel = torch.zeros(1, 50, dtype=torch.bool)
+    first_sel[0, 0] = True
+    s = reduce_hidden(h, valid, first_sel, torch.zeros_like(first_sel), torch.zeros(1, dtype=torch.long))
+    assert int(s.massive_count) == 41 and int(s.massive_tokens) == 41
+    assert float(s.first[0, 3]) == 2000.0 and float(s.rest_max_abs[0, 9]) == 9000.0
+    ref = (h.abs() > torch.clamp(1000 * h.abs().flatten().median(), min=100)).sum()
+    assert int(s.massive_count) == int(ref)
+
+
+def test_non_finite_values_are_counted_and_json_stays_strict(tmp_path):
+    from melayer.io import atomic_write_json
+
+    h = torch.randn(2, 6, D)
+    h[1, 2, 4] = float("inf")
+    h[1, 3, 5] = float("nan")
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    first_sel = torch.zeros(2, 6, dtype=torch.bool)
+    first_sel[:, 0] = True
+    s = reduce_hidden(h, valid, first_sel, torch.zeros_like(first_sel), torch.zeros(2, dtype=torch.long))
+    assert s.nonfinite.tolist() == [0, 2]
+    p = _profile()
+    p.nonfinite[5] = 3
+    assert p.first_nonfinite_block() == 4
+    atomic_write_json(tmp_path / "r.json", {"x": float("inf"), "y": [float("nan"), 1.0], "t": torch.tensor([float("-inf")])})
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"x": None, "y": [None, 1.0], "t": [None]}
+
+
+def test_scan_warns_about_non_finite_weights(tmp_path):
+    """A model whose block 2 outputs inf: a warning naming that block, exit 0 for the library, valid JSON."""
+    from helpers import make_tiny, word_tokenizer
+    from melayer.scanning import scan, write_scan_report, ScanConfig
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.fill_(float("inf"))
+    with pytest.warns(UserWarning, match=r"non-finite values .* first appear in block 2 \(paper: 3\)"):
+        report = scan(model, word_tokenizer(), ["w5 w6 w7 w8", "w9 w10 w11"], progress=False)
+    paths = write_scan_report(report, tmp_path, ScanConfig())
+    json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in report.json"))
 
 
 @pytest.mark.real
 def test_smollm2_me_layer_is_born_at_block_11(smollm2):
     """Massive on token 0; the ME block's output meets the criterion, its input does not; it persists."""
-    from melayer.scan import find_me_layer, scan
+    from melayer.scanning import find_me_layer, scan
 
     model, tok = smollm2
     report = scan(model, tok, progress=False)
@@ -86,11 +180,10 @@ def test_smollm2_me_layer_is_born_at_block_11(smollm2):
 
 @pytest.mark.real
 def test_smollm2_find_me_layer_without_tokenizer(smollm2):
-    from melayer.scan import find_me_layer
+    from melayer.scanning import find_me_layer
 
     model, _ = smollm2
-    model._melayer_me_layer = None
-    assert find_me_layer(model) == 11
+    assert find_me_layer(model, refresh=True) == 11
 
 
 def _cli(*args, cwd=None):
@@ -116,7 +209,7 @@ def test_cli_scan_writes_complete_report(tmp_path):
 
 
 def _tiny_folder(tmp_path, family="llama", **overrides):
-    from conftest import make_tiny
+    from helpers import make_tiny
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -11,26 +11,27 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from _train_util import TINY_ME_LAYER, tiny_chat_model  # noqa: E402
-from conftest import make_tiny  # noqa: E402
+from helpers import make_tiny, tiny_chat_model  # noqa: E402
 
-from melayer import load_model  # noqa: E402
+from melayer import load_model, saved_wemask  # noqa: E402
+from melayer.data import load_gsm8k  # noqa: E402
 from melayer.adapters import adapter_for  # noqa: E402
 from melayer.errors import MelayerError  # noqa: E402
-from melayer.train import TrainConfig, train  # noqa: E402
+from melayer.training import TrainConfig, train  # noqa: E402
 from melayer.evaluate.tasks import GSM8K  # noqa: E402
-from melayer.train.data import (correctness_reward, format_reward, grpo_rows, has_answer_format,  # noqa: E402
-                                load_gsm8k, sft_rows)
-from melayer.wemask import WeMaskConfig, apply_wemask  # noqa: E402
+from melayer.training.data import (correctness_reward, format_reward, grpo_rows, has_answer_format,  # noqa: E402
+                                   sft_rows)
+from melayer.masking import WeMaskConfig, active_wemasks, apply_wemask  # noqa: E402
 
 RATE = 0.1  # tiny hidden 64 -> k = 6 masked dims
+TINY_ME_LAYER = 1  # tiny models have no real ME layer: name one, so WeMask masks block 2
 TINY_TARGET = TINY_ME_LAYER + 1
 
 
 # -- data and rewards ------------------------------------------------------------------------------
 
 def test_gsm8k_rows_prompts_and_targets(data_dir):
-    rows = load_gsm8k("train", str(data_dir))
+    rows = load_gsm8k(data_dir, "train")
     assert len(rows) == 7473  # MANIFEST.md
     row = sft_rows(rows[:1])[0]
     assert row["prompt"][0]["content"] == GSM8K().prompt(rows[0])  # trained on what `melayer eval` asks
@@ -39,7 +40,7 @@ def test_gsm8k_rows_prompts_and_targets(data_dir):
     assert target.endswith("The final answer is \\boxed{72}.")  # Natalia's clips
     assert grpo_rows(rows[:1])[0]["gold"] == "72"
     with pytest.raises(MelayerError):
-        load_gsm8k("train", str(data_dir / "nowhere"))
+        load_gsm8k(data_dir / "nowhere", "train")
 
 
 @pytest.mark.parametrize("text, formatted", [
@@ -157,7 +158,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def short_data(tmp_path_factory, data_dir):
     """The four shortest GSM8K train problems (~100 tokens each) in a data folder: CPU steps stay cheap."""
-    rows = sorted(load_gsm8k("train", str(data_dir)), key=lambda r: len(r["question"]) + len(r["answer"]))[:4]
+    rows = sorted(load_gsm8k(data_dir, "train"), key=lambda r: len(r["question"]) + len(r["answer"]))[:4]
     path = tmp_path_factory.mktemp("short_gsm8k")
     (path / "gsm8k").mkdir()
     (path / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -177,9 +178,10 @@ def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, sho
     generate = model.generate
 
     def spy(*args, **kwargs):  # TRL's rollouts call the policy's own generate
-        before = model.melayer_wemask.fired  # the handle train() applied
+        handle, = active_wemasks(model)  # the one mask train() applied
+        before = handle.fired
         out = generate(*args, **kwargs)
-        rollouts.append((model.melayer_wemask.fired - before, kwargs["input_ids"].shape[0]))
+        rollouts.append((handle.fired - before, kwargs["input_ids"].shape[0]))
         return out
 
     model.generate = spy
@@ -194,8 +196,9 @@ def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, sho
 
     ckpt = tmp_path / "run" / "checkpoint-1"
     reloaded, _ = load_model(ckpt, device="cpu")
-    h = reloaded.melayer_wemask
-    assert (h.layers, h.k, h.config.rate, h.config.me_layer) == ([TINY_TARGET], 6, RATE, TINY_ME_LAYER)
+    assert not active_wemasks(reloaded)  # the loader never applies it ...
+    with apply_wemask(reloaded, saved_wemask(reloaded)) as h:  # ... the caller does
+        assert (h.layers, h.k, h.config.rate, h.config.me_layer) == ([TINY_TARGET], 6, RATE, TINY_ME_LAYER)
     saved = TrainConfig.load(ckpt)
     assert saved.algo == "grpo" and saved.wemask.layers == [TINY_TARGET]
 
@@ -207,12 +210,9 @@ def _merged_weights(folder):
 
 
 def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, short_data, tiny_dir):
-    import argparse
+    from melayer.cli import build_parser
 
-    from melayer.train import register_cli
-
-    parser = argparse.ArgumentParser(prog="melayer")  # `melayer train` alone (other commands are not needed)
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
 
     def run(out, *extra):
         argv = ["train", "sft", str(tiny_dir), "--data-dir", str(short_data), "--batch-size", "2", "--lora", "--wemask-rate", str(RATE), "--me-layer", str(TINY_ME_LAYER),
@@ -229,9 +229,9 @@ def test_lora_cli_checkpoints_reload_with_mask_and_resume_exactly(tmp_path, shor
 
     ckpt = tmp_path / "resumed" / "checkpoint-1"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()  # what --resume reads
-    model, _ = load_model(ckpt, device="cpu")  # a plain folder: merged weights + the mask
-    h = model.melayer_wemask
-    assert (h.layers, h.config.rate) == ([TINY_TARGET], RATE)
+    model, _ = load_model(ckpt, device="cpu")  # a plain folder: merged weights + the mask config
+    config = saved_wemask(model)
+    assert (config.layers, config.rate) == ([TINY_TARGET], RATE)
     assert not any("lora" in name for name, _ in model.named_parameters())
     state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
@@ -259,4 +259,5 @@ def test_sft_steps_lower_the_loss_of_the_default_model(tmp_path, short_data):
     assert result.config.wemask.layers == [12]
     assert result.wemask_fired == 3 * 2  # every training forward masked both sequences once
     reloaded, _ = load_model(result.final_dir, device="cpu")
-    assert reloaded.melayer_wemask.layers == [12] and reloaded.melayer_wemask.k == 5
+    with apply_wemask(reloaded, saved_wemask(reloaded)) as h:
+        assert h.layers == [12] and h.k == 5

@@ -1,7 +1,6 @@
 """WeMask: invariants on tiny random models of every family, paper parity, persistence, CLI, real SmolLM2."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -9,40 +8,20 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny
-from _paper_qwen3 import paper_wemask
+from helpers import has_hooks, make_tiny, paper_wemask, positions, random_seqs, save_tiny
 from melayer.adapters import adapter_for
 from melayer.errors import MelayerError
-from melayer.wemask import WeMaskConfig, apply_wemask, parse_layers, register_cli, wemask
+from melayer.masking import WeMaskConfig, apply_wemask, parse_layers, wemask
+from melayer.text import left_pad
 
 SMOLLM2_ME = 11  # SmolLM2-135M-Instruct: dim 507 of token 0 explodes in block 11
 
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-def left_pad(seqs, pad=0):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def positions(mask):
-    """Position ids as `generate` builds them: 0 at each sequence's first real token."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
 def logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-
-
-def random_seqs(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lengths]
 
 
 @contextlib.contextmanager
@@ -60,10 +39,6 @@ def capture_attn_input(model, layer, store: list):
         yield store
     finally:
         h.remove()
-
-
-def has_hooks(model) -> bool:
-    return any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def greedy(model, ids, mask, n, **kw):
@@ -125,7 +100,7 @@ def test_parse_layers():
 
 def test_rate_zero_registers_nothing_and_is_bit_identical(tiny_family):
     model = make_tiny(tiny_family)
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     base = logits(model, ids, mask)
     for rate in (0.0, 0.01):  # 0.01 x 64 dims -> k = 0
         with wemask(model, rate, me_layer=0) as handle:
@@ -136,7 +111,7 @@ def test_rate_zero_registers_nothing_and_is_bit_identical(tiny_family):
 
 def test_remove_restores_exactly(tiny_family):
     model = make_tiny(tiny_family)
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     base = logits(model, ids, mask)
     handle = apply_wemask(model, WeMaskConfig(rate=0.25, layers="from_after_me", me_layer=0))
     assert handle.layers == [1, 2, 3] and handle.k == 16
@@ -149,20 +124,20 @@ def test_remove_restores_exactly(tiny_family):
 def test_batched_left_padded_equals_unbatched(tiny_family):
     model = make_tiny(tiny_family)
     seqs = random_seqs([7, 3, 5])
-    ids, mask = left_pad(seqs)
+    ids, mask = left_pad(seqs, 0)
     plain = logits(model, ids, mask)
     with wemask(model, rate=0.25, layers="from_after_me", me_layer=0) as handle:
         batched = logits(model, ids, mask)
         assert handle.fired == 3 * 3  # one first token per sequence, per target block
         for b, s in enumerate(seqs):
-            one = logits(model, *left_pad([s]))[0]
+            one = logits(model, *left_pad([s], 0))[0]
             torch.testing.assert_close(batched[b, -len(s):], one, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(batched[mask.bool()], plain[mask.bool()], atol=1e-3)  # the mask did act
 
 
 def test_cached_generate_equals_full_recompute(tiny_family):
     model = make_tiny(tiny_family)
-    ids, mask = left_pad(random_seqs([6, 3]))
+    ids, mask = left_pad(random_seqs([6, 3]), 0)
     n = 6
     with wemask(model, rate=0.25, layers="from_after_me", me_layer=0) as handle:
         gen = greedy(model, ids, mask, n)
@@ -181,7 +156,7 @@ def _first_real(mask, b):
 
 def test_correct_masks_first_real_token_only_and_never_decode_tokens():
     model = make_tiny("llama")
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     raw, masked = [], []
     with capture_attn_input(model, 2, raw):
         with wemask(model, rate=0.25, me_layer=1) as handle, capture_attn_input(model, 2, masked):
@@ -204,7 +179,7 @@ def test_correct_masks_first_real_token_only_and_never_decode_tokens():
 
 def test_paper_mode_masks_chunk_index_zero_with_one_batch_dim_set():
     model = make_tiny("llama")
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     raw, masked = [], []
     with capture_attn_input(model, 2, raw):
         with wemask(model, rate=0.25, me_layer=1, mode="paper") as handle, capture_attn_input(model, 2, masked):
@@ -222,7 +197,7 @@ def test_score_gamma_picks_largest_gain_dims():
         model = make_tiny(family)
         adapter = adapter_for(model)
         gain = adapter.norm_gain(adapter.get(adapter.block(model, 2), adapter.attn_norm))
-        ids, mask = left_pad(random_seqs([5]))
+        ids, mask = left_pad(random_seqs([5]), 0)
         raw, masked = [], []
         with capture_attn_input(model, 2, raw), wemask(model, rate=0.1, layers=[2], score="gamma"):
             with capture_attn_input(model, 2, masked):
@@ -235,7 +210,7 @@ def test_score_gamma_picks_largest_gain_dims():
 
 def test_soft_gamma_scales_selected_dims():
     model = make_tiny("qwen2")
-    ids, mask = left_pad(random_seqs([5]))
+    ids, mask = left_pad(random_seqs([5]), 0)
     raw, masked = [], []
     with capture_attn_input(model, 1, raw), wemask(model, rate=0.25, layers=[1], gamma=0.3):
         with capture_attn_input(model, 1, masked):
@@ -251,7 +226,7 @@ def test_soft_gamma_scales_selected_dims():
 def test_olmo2_masks_attention_input_not_residual():
     """OLMo-2's attention reads the residual: WeMask must alter only attention's copy of it."""
     model = make_tiny("olmo2")
-    ids, mask = left_pad(random_seqs([5]))
+    ids, mask = left_pad(random_seqs([5]), 0)
     raw, masked = [], []
     with capture_attn_input(model, 2, raw), wemask(model, rate=0.25, layers=[2]):
         with capture_attn_input(model, 2, masked):
@@ -262,7 +237,7 @@ def test_olmo2_masks_attention_input_not_residual():
 
 def test_gradients_flow_through_unmasked_dims_only():
     model = make_tiny("llama").train()
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     attn = adapter_for(model).attn_module(adapter_for(model).block(model, 2))
     seen = []
 
@@ -293,7 +268,7 @@ def test_peft_lora_model():
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
                                                      init_lora_weights=False))
     merged = copy.deepcopy(lora).merge_and_unload()
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     plain = logits(lora, ids, mask)
     with wemask(merged, rate=0.25, me_layer=1):
         expected = logits(merged, ids, mask)
@@ -312,7 +287,7 @@ def test_peft_lora_model():
 def test_hooks_trace_into_one_graph_under_torch_compile():
     """fullgraph=True fails on any graph break, e.g. a host sync (.item()) or data-dependent branch."""
     model = make_tiny("llama")
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     with wemask(model, rate=0.25, me_layer=1) as handle:
         expected = model(input_ids=ids, attention_mask=mask).logits
         torch._dynamo.reset()
@@ -328,7 +303,7 @@ def test_hooks_trace_into_one_graph_under_torch_compile():
 
 def test_paper_mode_matches_independent_qwen3_reimplementation():
     model = make_tiny("qwen3")
-    ids, mask = left_pad(random_seqs([7, 4]))  # ragged: the paper masks sequence 1's pad at index 0
+    ids, mask = left_pad(random_seqs([7, 4]), 0)  # ragged: the paper masks sequence 1's pad at index 0
     layers = [1, 3]
     plain = logits(model, ids, mask)
     with paper_wemask(model, layers, rate=0.25):
@@ -350,13 +325,13 @@ def test_per_sequence_paper_mode_batched_equals_each_item_alone_under_the_litera
     the item run alone (the paper's protocol), through prefill and every cached decode step."""
     model = make_tiny("qwen3")
     seqs = random_seqs([7, 4, 9])
-    ids, mask = left_pad(seqs)
+    ids, mask = left_pad(seqs, 0)
     with wemask(model, rate=0.25, me_layer=1, mode="paper", per_sequence=True) as handle:
         batched = greedy(model, ids, mask, 6)
         assert handle.fired == 3 * 6  # each row: its first token, then every new token
     with wemask(model, rate=0.25, me_layer=1, mode="paper"):
         literal_batch = greedy(model, ids, mask, 6)
-        alone = [greedy(model, *left_pad([s]), 6) for s in seqs]
+        alone = [greedy(model, *left_pad([s], 0), 6) for s in seqs]
     width = ids.shape[1]
     for row, ref in enumerate(alone):
         assert torch.equal(batched.sequences[row, width:], ref.sequences[0, len(seqs[row]):])
@@ -368,7 +343,7 @@ def test_per_sequence_paper_mode_batched_equals_each_item_alone_under_the_litera
 
 def test_correct_equals_paper_on_prefill_and_differs_only_in_decode():
     model = make_tiny("qwen3")
-    ids, mask = left_pad(random_seqs([7]))  # one unpadded sequence: both modes pick the same dims
+    ids, mask = left_pad(random_seqs([7]), 0)  # one unpadded sequence: both modes pick the same dims
     cont = torch.tensor([random_seqs([5], seed=1)[0]])
     steps = {}
     for mode in ("correct", "paper"):
@@ -386,27 +361,12 @@ def test_correct_equals_paper_on_prefill_and_differs_only_in_decode():
 
 # -- persistence and CLI ----------------------------------------------------------------------------------
 
-def save_tiny(folder, family="llama"):
-    """A tiny model folder with a word-level tokenizer ('w<i>' is token i), loadable by melayer.load_model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 320)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", unk_token="<unk>")
-    model = make_tiny(family)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model
-
-
-def test_save_and_load_model_reapplies(tmp_path):
-    from melayer import load_model
+def test_save_then_load_is_pure_and_saved_wemask_reapplies(tmp_path):
+    """load_model never installs hooks; saved_wemask gives the config that reproduces the saved run exactly."""
+    from melayer import load_model, saved_wemask
 
     model = save_tiny(tmp_path)
-    ids, mask = left_pad(random_seqs([6, 4]))
+    ids, mask = left_pad(random_seqs([6, 4]), 0)
     with pytest.raises(MelayerError, match="resolved"):
         WeMaskConfig(rate=0.25, layers="from_after_me").save(tmp_path)
     with wemask(model, rate=0.25, layers="from_after_me", me_layer=1) as handle:
@@ -416,10 +376,13 @@ def test_save_and_load_model_reapplies(tmp_path):
     assert saved == dict(rate=0.25, layers=[2, 3], score="activation", gamma=0.0, mode="correct", me_layer=1)
     assert WeMaskConfig.load(tmp_path) == WeMaskConfig(**saved)
     loaded, _ = load_model(tmp_path, device="cpu")
-    assert loaded.melayer_wemask.layers == [2, 3]
-    assert torch.equal(logits(loaded, ids, mask), expected)
-    loaded.melayer_wemask.remove()
+    assert not has_hooks(loaded)  # the loader only loads
     assert torch.equal(logits(loaded, ids, mask), logits(model, ids, mask))
+    config = saved_wemask(loaded)
+    assert config == WeMaskConfig(**saved) and saved_wemask(str(tmp_path)) == config
+    with wemask(loaded, config):
+        assert torch.equal(logits(loaded, ids, mask), expected)
+    assert not has_hooks(loaded)
     # an unresolved config resolves against the model when saved
     WeMaskConfig(rate=0.1, layers="after_me", me_layer=0).save(tmp_path, model=model)
     assert WeMaskConfig.load(tmp_path / "wemask_config.json").layers == [1]
@@ -429,9 +392,9 @@ def test_save_and_load_model_reapplies(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="melayer")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    from melayer.cli import build_parser
+
+    args = build_parser().parse_args(argv)
     return args.handler(args)
 
 
@@ -439,7 +402,7 @@ def test_cli_generate(tmp_path, capsys, monkeypatch):
     model = save_tiny(tmp_path)
     prompts = ["w10 w11 w12 w13", "w40 w41"]
     tokens = ["--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "5", "--device", "cpu"]
-    ids, mask = left_pad([[10, 11, 12, 13], [40, 41]])
+    ids, mask = left_pad([[10, 11, 12, 13], [40, 41]], 0)
     with wemask(model, rate=0.25, layers=[2, 3]):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
                              pad_token_id=0, eos_token_id=[2])[:, ids.shape[1]:]

@@ -26,6 +26,7 @@ class FamilyAdapter:
     attn_norm: Optional[str]  # norm whose output is the attention input (None: attention reads the residual)
     ffn_norm: Optional[str]  # norm whose output is the FFN input (None: FFN reads the residual)
     attn: str = "self_attn"
+    key: Optional[str] = "k_proj"  # the key projection inside the attention module (None: fused with q and v)
     mlp: str = "mlp"
     gate: Optional[str] = "gate_proj"
     up: Optional[str] = "up_proj"
@@ -99,7 +100,8 @@ ADAPTERS: dict[str, FamilyAdapter] = {
     "mistral": FamilyAdapter("mistral", **_LLAMA_LIKE),
     "qwen2": FamilyAdapter("qwen2", **_LLAMA_LIKE),
     "qwen3": FamilyAdapter("qwen3", **_LLAMA_LIKE),
-    "phi3": FamilyAdapter("phi3", **_LLAMA_LIKE, gate=None, up=None, gate_up="gate_up_proj", act="activation_fn"),
+    "phi3": FamilyAdapter("phi3", **_LLAMA_LIKE, key=None, gate=None, up=None, gate_up="gate_up_proj",
+                          act="activation_fn"),
     "gemma": FamilyAdapter("gemma", **_LLAMA_LIKE, norm_gain_offset=1.0),
     "gemma2": FamilyAdapter("gemma2", **_GEMMA),
     "gemma3_text": FamilyAdapter("gemma3_text", **_GEMMA),
@@ -122,11 +124,26 @@ def model_type(model: nn.Module) -> str:
     return getattr(config, "model_type", type(base_model(model)).__name__)
 
 
-def adapter_for(model: nn.Module) -> FamilyAdapter:
-    kind = model_type(model)
+def register_adapter(model_type: str, adapter: FamilyAdapter) -> None:
+    """Teach melayer a new family: ``model_type`` is the value of ``config.model_type`` in its config.json.
+
+    >>> register_adapter("my_llama", FamilyAdapter("my_llama", attn_norm="input_layernorm",
+    ...                                             ffn_norm="post_attention_layernorm"))
+    """
+    if not isinstance(adapter, FamilyAdapter):
+        raise TypeError(f"register_adapter needs a FamilyAdapter, got {type(adapter).__name__}")
+    ADAPTERS[model_type] = adapter
+
+
+def check_supported(kind: str) -> FamilyAdapter:
+    """The adapter of a ``model_type``, or a one-line error naming the supported ones (before any weights load)."""
     try:
         return ADAPTERS[kind]
     except KeyError:
         raise UnsupportedArchitecture(
             f"unsupported architecture {kind!r}; supported: {', '.join(sorted(ADAPTERS))}"
         ) from None
+
+
+def adapter_for(model: nn.Module) -> FamilyAdapter:
+    return check_supported(model_type(model))

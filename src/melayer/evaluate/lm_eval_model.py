@@ -1,20 +1,18 @@
-"""An lm-evaluation-harness model named ``melayer``: HFLM with WeMask applied, in the spirit of lm-eval's
-``steered`` model (hooks on an unchanged HF model, nothing forked).
+"""The lm-evaluation-harness model ``melayer``: lm-eval's own HFLM with WeMask around every model call, in the
+style of lm-eval's ``steered`` model (hooks on an unchanged HF model, nothing forked).
 
     lm_eval --model melayer --model_args pretrained=default,wemask_rate=0.01 --tasks gsm8k
 
-lm-eval 0.4.13 discovers models only by import (no entry points), so installing melayer also installs
-``melayer-lm-eval.pth``: at interpreter start it loads the stdlib-only ``_melayer_lm_eval`` hook, which adds
-``melayer`` to lm-eval's model registry as a lazy placeholder whenever ``lm_eval.models`` is imported; this module
-is imported only when the model is asked for. ``melayer-lm-eval`` (or ``python -m melayer.evaluate.lm_eval_model``)
-is the same CLI with this module imported first, and works without the .pth too; so does the Python API,
-``simple_evaluate(model="melayer")`` after ``import melayer.evaluate.lm_eval_model``. ``pretrained`` takes every
-spec ``melayer.load_model`` does ("default", a hub id, a folder, a .gguf file). WeMask arguments: ``wemask_rate``,
+``pretrained`` takes every spec ``melayer.load_model`` does ("default", a hub id, a folder, a .gguf file); it is
+resolved to a local folder (a GGUF is dequantised once into melayer's cache) and handed to HFLM as a path, so
+HFLM's own device, dtype and parallelism handling apply unchanged. WeMask arguments: ``wemask_rate``,
 ``wemask_layers`` (after_me, from_after_me, me, or 0-based blocks joined by ":"), ``wemask_mode`` (correct or
-paper), ``wemask_me_layer``.
+paper), ``wemask_me_layer``. A model saved with WeMask runs with it unless ``wemask_rate`` is given.
 """
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 import sys
 from typing import Optional
 
@@ -26,46 +24,51 @@ if __name__ == "__main__":  # `python -m`: run the importable copy, whose Melaye
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import MelayerError
+from ..load import gguf_to_cache, resolve_spec, saved_wemask
+from ..masking import WeMaskConfig, parse_layers, wemask
 
 
-def _layers(text):
-    if isinstance(text, (list, tuple)) or text is None:
-        return text
-    text = str(text)
-    if text in ("after_me", "from_after_me", "me"):
-        return text
-    try:
-        return [int(t) for t in text.split(":") if t]
-    except ValueError:
-        raise MelayerError(f"wemask_layers must be after_me, from_after_me, me or blocks joined by ':', "
-                           f"got {text!r}") from None
+def _local_path(pretrained: str) -> str:
+    """A folder or hub id HFLM can load: GGUF files (and ``default``) become their dequantised cache folder."""
+    kind, location = resolve_spec(pretrained)
+    return str(gguf_to_cache(Path(location))) if kind == "gguf" else location
 
 
 @register_model("melayer")
 class MelayerLM(HFLM):
-    """HFLM on a model loaded by ``melayer.load_model``, with WeMask hooked on for the model's whole life."""
+    """HFLM whose forward and generate calls run under WeMask (applied per call, removed after it)."""
 
-    def __init__(self, pretrained: str = "default", wemask_rate: float = 0.0, wemask_layers: str = "after_me",
-                 wemask_mode: str = "correct", wemask_me_layer: Optional[int] = None, device: Optional[str] = None,
-                 dtype: Optional[str] = None, **kwargs):
-        from ..load import load_model
-        from ..wemask import WeMaskConfig, apply_wemask
-
-        if not isinstance(pretrained, str):  # lm-eval passes a ready model only from Python: wrap it as is
-            model, tokenizer = pretrained, kwargs.pop("tokenizer")
+    def __init__(self, pretrained="default", wemask_rate: Optional[float] = None, wemask_layers: str = "after_me",
+                 wemask_mode: str = "correct", wemask_me_layer: Optional[int] = None, **kwargs):
+        if isinstance(pretrained, str):
+            pretrained = _local_path(pretrained)
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.tokenizer.padding_side = "left"
+        if wemask_rate in (None, ""):
+            config = saved_wemask(self.model)
         else:
-            model, tokenizer = load_model(pretrained, device=device, dtype=None if dtype in (None, "auto") else dtype)
-        saved = getattr(model, "melayer_wemask", None)
-        config = WeMaskConfig(rate=float(wemask_rate), layers=_layers(wemask_layers), mode=str(wemask_mode),
-                              me_layer=None if wemask_me_layer in (None, "") else int(wemask_me_layer))
-        if saved is not None and config.rate > 0:  # the arguments decide what is applied
-            saved.remove()
-            model.melayer_wemask = None
-        tokenizer.padding_side = "left"
-        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
-        self.wemask_handle = (apply_wemask(model, config, tokenizer=tokenizer, per_sequence=True) if config.rate > 0
-                              else saved)
+            config = WeMaskConfig(rate=float(wemask_rate), layers=parse_layers(wemask_layers, sep=":"),
+                                  mode=str(wemask_mode),
+                                  me_layer=None if wemask_me_layer in (None, "") else int(wemask_me_layer))
+        # resolved once (the ME layer found by one scan), then re-applied around every call
+        self.wemask_config = config.resolved(self.model, self.tokenizer) if config and config.rate > 0 else None
+
+    @contextlib.contextmanager
+    def wemask(self):
+        """WeMask on the model for the duration of one call (paper mode: each item as if it ran alone)."""
+        if self.wemask_config is None:
+            yield
+            return
+        with wemask(self.model, self.wemask_config, tokenizer=self.tokenizer, per_sequence=True):
+            yield
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        with self.wemask():
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        with self.wemask():
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
 def cli() -> None:

@@ -18,10 +18,14 @@ from typing import Iterable, Optional, Union
 import torch
 
 from ..errors import MelayerError
-from ..generation import encode_prompt
-from ..io import JsonlLog, atomic_write_json
-from ..wemask import MODES
-from . import data
+from ..generation import GenerationConfig, generate_from_ids
+from ..io import JsonlLog, atomic_write_json, atomic_write_text
+from ..load import load_model, saved_wemask
+from ..modelutils import device_of
+from ..report import progress, say
+from ..text import encode_prompt, left_pad, pad_id
+from ..masking import MODES, WeMaskConfig, wemask
+from .. import data
 from .tasks import Task, get_task
 
 SAMPLES_NAME = "samples.jsonl"
@@ -140,31 +144,12 @@ def row_key(row: dict) -> tuple[str, str, str]:
 
 # -- encoding -----------------------------------------------------------------------------------------
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _batches(seq: list, size: int) -> Iterable[list]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
 
 
 # -- the three kinds of work --------------------------------------------------------------------------
-
-def generate_texts(model, tokenizer, prompts_ids: list[list[int]], gen_cfg, eos: list[int]) -> list[str]:
-    """Greedy (or seeded sampled) continuations of a left-padded batch, decoded without special tokens."""
-    from ..generation import generate_batch
-    from ..scan import left_pad
-
-    ids, mask = left_pad(prompts_ids, pad_id(tokenizer))
-    dev = _device(model)
-    new = generate_batch(model, ids.to(dev), mask.to(dev), gen_cfg, eos, pad_id(tokenizer))
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new.cpu()]
-
 
 @torch.no_grad()
 def continuation_logliks(model, contexts: list[list[int]], continuations: list[list[list[int]]],
@@ -175,8 +160,6 @@ def continuation_logliks(model, contexts: list[list[int]], continuations: list[l
     each (context + continuation) is its own sequence. Sequences are left padded, so the scored tokens sit
     at the right end and only the last few positions' logits are computed.
     """
-    from ..scan import left_pad
-
     seqs, reads = [], []  # reads[i]: per continuation, (sequence index, tokens) to score
     for ctx, conts in zip(contexts, continuations):
         if all(len(c) == 1 for c in conts):
@@ -190,7 +173,7 @@ def continuation_logliks(model, contexts: list[list[int]], continuations: list[l
             reads.append(item)
     keep = max(len(c) for conts in continuations for c in conts)
     ids, mask = left_pad(seqs, pad)
-    dev = _device(model)
+    dev = device_of(model)
     logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), logits_to_keep=keep).logits
     logp = torch.log_softmax(logits[:, -keep:, :].float(), dim=-1)
     out = []
@@ -206,7 +189,7 @@ def continuation_logliks(model, contexts: list[list[int]], continuations: list[l
 @torch.no_grad()
 def window_nll(model, windows: list[list[int]]) -> list[tuple[float, int]]:
     """(summed NLL in fp32, predicted tokens) of each equal-length window (every token but the first)."""
-    ids = torch.tensor(windows, dtype=torch.long, device=_device(model))
+    ids = torch.tensor(windows, dtype=torch.long, device=device_of(model))
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     out = []
     for b in range(ids.shape[0]):
@@ -228,7 +211,6 @@ def score_row(task: Task, row: dict) -> dict:
 
 def score_existing(out: Path, refusal_classifier: str = "prefix") -> int:
     """Score every unscored row of ``out/samples.jsonl`` in place (atomic rewrite); returns how many."""
-    from ..io import atomic_write_text
     import json
 
     log = JsonlLog(out / SAMPLES_NAME)
@@ -238,8 +220,6 @@ def score_existing(out: Path, refusal_classifier: str = "prefix") -> int:
     tasks: dict[str, Task] = {}
     todo = [i for i, r in enumerate(rows) if r.get("metrics") is None]
     if todo:
-        from ..report import progress
-
         for i in progress(todo, desc="scoring"):
             name = rows[i]["task"]
             task = tasks.setdefault(name, get_task(name, refusal_classifier))
@@ -281,8 +261,6 @@ def _batch_seed(cfg: EvalConfig, cond: Condition, ids: list[str]) -> int:
 
 
 def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -> None:
-    from ..generation import GenerationConfig, eos_ids
-
     task, cond = w.task, w.cond
     score = not cfg.generate_only
     size = cfg.batch_size
@@ -291,12 +269,11 @@ def _run_work(model, tokenizer, w: _Work, cfg: EvalConfig, log: JsonlLog, bar) -
         enc = [(it, task.prompt(it)) for it in w.items]
         enc = [(it, p, encode_prompt(tokenizer, p, cfg.chat)) for it, p in enc]
         enc.sort(key=lambda t: -len(t[2]))  # similar lengths together: little padding
-        eos = eos_ids(tokenizer, model)
         for batch in _batches(enc, size):
             gen = GenerationConfig(max_new_tokens=max_new, do_sample=cfg.sample, temperature=cfg.temperature,
                                    top_p=cfg.top_p, engine=cfg.engine, compile=cfg.compile,
                                    seed=_batch_seed(cfg, cond, [b[0]["id"] for b in batch]) if cfg.sample else None)
-            texts = generate_texts(model, tokenizer, [b[2] for b in batch], gen, eos)
+            texts = generate_from_ids(model, tokenizer, [b[2] for b in batch], gen)
             rows = [_row(task, cond, cfg, it, p, t, max_new) for (it, p, _), t in zip(batch, texts)]
             log.extend([score_row(task, r) for r in rows] if score else rows)
             bar.update(len(batch))
@@ -326,8 +303,6 @@ def _wemask_context(model, tokenizer, cond: Condition, cfg: EvalConfig):
 
     if cond.rate == 0:
         return contextlib.nullcontext()
-    from ..wemask import WeMaskConfig, wemask
-
     # paper mode runs batched with the official mask applied to each item as if it ran alone (the paper's
     # protocol was one item at a time; its literal index-0 mask would hit pads in a left-padded batch)
     return wemask(model, WeMaskConfig(rate=cond.rate, layers=cfg.wemask_layers, mode=cond.mode,
@@ -337,24 +312,21 @@ def _wemask_context(model, tokenizer, cond: Condition, cfg: EvalConfig):
 def load_for_eval(cfg: EvalConfig):
     """The model and tokenizer, bare: a WeMask saved with the model becomes the sweep's condition when no
     rates were asked for, so every row says exactly which mask produced it."""
-    from ..load import load_model
-
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    saved = getattr(model, "melayer_wemask", None)
+    saved = saved_wemask(model)
     if saved is not None:
-        saved.remove()
-        model.melayer_wemask = None
+        where = f"rate {saved.rate:g}, blocks {saved.layers}, {saved.mode} mode"
         if cfg.wemask_rates is None:
-            sc = saved.config
-            cfg.wemask_rates, cfg.wemask_modes = [0.0, sc.rate], [sc.mode]
-            cfg.wemask_layers, cfg.me_layer = sc.layers, sc.me_layer
+            cfg.wemask_rates, cfg.wemask_modes = [0.0, saved.rate], [saved.mode]
+            cfg.wemask_layers, cfg.me_layer = saved.layers, saved.me_layer
+            say(f"the model was saved with WeMask ({where}): evaluated without it and with it")
+        else:
+            say(f"the model was saved with WeMask ({where}): not applied; --wemask-rates decide the conditions")
     return model, tokenizer
 
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = True) -> Optional[dict]:
     """Run (or resume) ``cfg`` and return the summary (None with ``generate_only``)."""
-    from ..report import progress
-
     cfg.validate()
     out = Path(cfg.out)
     if cfg.score_only:  # the generating runs' tasks and conditions: every one that has rows in the log

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Optional, Sequence
 
+from ..errors import MelayerError
+
 # -- GSM8K: one final number -----------------------------------------------------------------------
 
 # A number: optional minus (not glued to a word, so "3-5" is not -5), thousands groups or plain digits,
@@ -166,8 +168,6 @@ def register_refusal_classifier(name: str, fn: Callable[[str], bool]) -> None:
 
 
 def refusal_classifier(name: str) -> Callable[[str], bool]:
-    from ..errors import MelayerError
-
     if name not in REFUSAL_CLASSIFIERS:
         raise MelayerError(f"unknown refusal classifier {name!r}; known: {', '.join(sorted(REFUSAL_CLASSIFIERS))}")
     return REFUSAL_CLASSIFIERS[name]

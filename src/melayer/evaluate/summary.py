@@ -7,7 +7,8 @@ import io
 from pathlib import Path
 
 from ..io import atomic_write_text
-from . import stats
+from ..report import console_table, markdown_table, new_figure, write_report
+from .. import stats
 from .tasks import get_task
 
 CSV_COLUMNS = ("task", "metric", "cond", "rate", "mode", "n", "value", "ci_low", "ci_high", "ci_method",
@@ -103,8 +104,6 @@ TABLE_COLUMNS = ["task", "metric", "WeMask", "n", "score", "95% CI", "Δ vs rate
 
 
 def markdown(summary: dict) -> str:
-    from ..report import markdown_table
-
     cfg = summary["config"]
     lines = [f"# melayer eval: {cfg.model}", "",
              f"Tasks {', '.join(cfg.tasks)}; WeMask conditions {', '.join(summary['conditions'])} "
@@ -122,8 +121,6 @@ def markdown(summary: dict) -> str:
 
 
 def figure(results: list[dict]):
-    from ..report import new_figure
-
     panels = list(dict.fromkeys((r["task"], r["metric"]) for r in results))
     cols = min(3, max(1, len(panels)))
     rows = (len(panels) + cols - 1) // cols
@@ -150,8 +147,6 @@ def figure(results: list[dict]):
 
 
 def write_summary(out: Path, summary: dict, cfg) -> dict:
-    from ..report import console_table, write_report
-
     results = summary["results"]
     atomic_write_text(Path(out) / "summary.csv", _csv_text(results))
     figures = {"score_vs_rate": figure(results)} if results else {}

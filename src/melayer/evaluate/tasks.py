@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 from ..errors import MelayerError
-from . import data, scorers
+from .. import data
+from . import scorers
+from .ifeval import score_ifeval
 from .scorers import Score
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -95,8 +97,6 @@ class IFEval(Task):
         return {"instruction_id_list": item["instruction_id_list"], "kwargs": item["kwargs"]}
 
     def score(self, gold, prompt, output):
-        from .ifeval import score_ifeval
-
         r = score_ifeval(prompt, gold["instruction_id_list"], gold["kwargs"], output)
         n = float(len(r["inst_strict"]))
         return Score(r, {"prompt_strict": (float(r["prompt_strict"]), 1.0),

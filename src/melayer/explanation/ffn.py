@@ -12,7 +12,11 @@ import torch
 
 from ..adapters import adapter_for
 from ..hooks import HookGroup, block_output
-from .common import InputsLike, as_inputs, check_layer, hidden_arg, run_decoder
+from ..modelutils import check_layer, hidden_arg
+from ..report import markdown_table, new_figure
+from .claims import Check, make_claim
+from .common import InputsLike, as_inputs, run_decoder
+from .registry import Analysis, Context, register_analysis
 
 SHARES = (0.5, 0.9, 0.99)
 
@@ -35,6 +39,7 @@ class FFNRole:
     intermediate_size: int
     dims: list[DimAttribution]
     ablate_neurons: list[int]  # the neurons the ablations zero: enough for 90 % of each dim (capped)
+    write_share: list[float] = field(default_factory=list)  # per prompt: FFN write ÷ the block's jump (first dim)
 
 
 def contributions(act: torch.Tensor, w_down: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -57,9 +62,14 @@ def ffn_role(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequence
     block = ad.block(model, me_layer)
     mlp = ad.mlp_module(block)
     seen: dict[str, torch.Tensor] = {}
+    write_site = mlp if ad.post_ffn_norm is None else ad.get(block, ad.post_ffn_norm)  # what enters the residual
     with HookGroup() as hooks:
         hooks.pre(mlp, lambda m, a, k: seen.__setitem__("x", hidden_arg(a, k).detach()), with_kwargs=True)
         hooks.forward(mlp, lambda m, a, o: seen.__setitem__("out", block_output(o).detach().float().cpu()))
+        hooks.forward(write_site, lambda m, a, o: seen.__setitem__("write", block_output(o).detach().float().cpu()))
+        hooks.pre(block, lambda m, a, k: seen.__setitem__("in", hidden_arg(a, k).detach().float().cpu()),
+                  with_kwargs=True)
+        hooks.forward(block, lambda m, a, o: seen.__setitem__("block_out", block_output(o).detach().float().cpu()))
         run_decoder(model, inputs)
     rows = torch.arange(len(inputs))
     x0 = seen["x"][rows, inputs.first.to(seen["x"].device)]  # (B, D) FFN input of token 0
@@ -87,4 +97,60 @@ def ffn_role(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequence
         for j in r.top_neurons[:r.neurons_for_share["0.9"]]:
             if j not in ablate and len(ablate) < max_ablate:
                 ablate.append(j)
-    return FFNRole(me_layer, int(w_down.shape[1]), result, ablate)
+    first, d0 = inputs.first, dims[0]
+    jump = seen["block_out"][rows, first, d0] - seen["in"][rows, first, d0]
+    share = seen["write"][rows, first, d0] / jump
+    return FFNRole(me_layer, int(w_down.shape[1]), result, ablate, share.tolist())
+
+
+# -- in the explain report ----------------------------------------------------------------------------------
+
+WRITES = 0.5  # the FFN "writes" the massive value when it writes at least half of the ME block's jump
+
+
+def run(ctx: Context) -> FFNRole:
+    return ffn_role(ctx.model, ctx.tokenizer, ctx.me_layer, ctx.inputs, ctx.dims,
+                    max_ablate=ctx.config.max_ablate_neurons)
+
+
+def claims(f: FFNRole, ctx: Context) -> list:
+    d = f.dims[0]
+    details = {"neurons_for_share": d.neurons_for_share, "top_neurons": d.top_neurons[:8]}
+    ab = ctx.results.get("ablations")
+    if ab is not None:
+        details["spike_left"] = {r.name: r.spike_left for r in ab.rows if r.group in ("ffn", "control")}
+    test = Check.measure("ffn_write_share", f.write_share, WRITES, ">=", seed=ctx.config.seed)
+    return [make_claim(
+        "ffn_writes", "The FFN of the ME block writes the massive value", [test],
+        f"FFN write into dim {d.dim} of token 0 ÷ the ME block's jump on that dim (per prompt)",
+        f"holds when the share's 95% CI lies above {WRITES:g}",
+        f"block {ctx.me_layer} (paper: {ctx.me_layer + 1}), dim {d.dim}, {len(ctx.inputs)} prompts", details=details)]
+
+
+def section(f: FFNRole, ctx: Context) -> list[str]:
+    return [f"contribution_j = act_j × W_down[dim, j], act = σ(gate)·up; token 0, mean over prompts "
+            f"({f.intermediate_size} neurons).", "",
+            markdown_table(["dim", "FFN out tok0", "Σ contributions", "|FFN out| others", "top neurons",
+                            "neurons for 50/90/99 %"],
+                           [(d.dim, d.ffn_output, d.attributed, d.others_abs, ", ".join(map(str, d.top_neurons[:5])),
+                             "/".join(str(d.neurons_for_share[k]) for k in ("0.5", "0.9", "0.99")))
+                            for d in f.dims]),
+            f"Ablated neurons (90 % of each dim): {f.ablate_neurons}", "", "![FFN](ffn.png)", ""]
+
+
+def figures(f: FFNRole, ctx: Context) -> dict:
+    d = f.dims[0]
+    fig, a = new_figure(figsize=(8, 3.6))
+    k = min(20, len(d.top_neurons))
+    a.bar(range(k), d.top_contributions[:k], color="C0")
+    a.set_xticks(range(k), [str(j) for j in d.top_neurons[:k]], rotation=70, fontsize=7)
+    a.set(xlabel="FFN neuron", ylabel=f"contribution to dim {d.dim}",
+          title=f"Block {ctx.me_layer}: neuron attribution (token 0)")
+    t = a.twinx()
+    t.plot(range(k), d.cumulative_share[:k], "o-", color="C3", ms=3)
+    t.set_ylabel("cumulative share", color="C3")
+    return {"ffn": fig}
+
+
+ANALYSIS = register_analysis(Analysis("ffn", "FFN neurons at the ME layer", run, claims, section, figures,
+                                      needs=("emergence",)))

@@ -14,18 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
+from .adapters import adapter_for, base_model
 from .errors import MelayerError
+from .hooks import HookGroup, TokenContext
+from .io import atomic_write_json, read_config_json
+from .modelutils import hidden_arg, hidden_size, replace_hidden_arg
+from .scanning import find_me_layer
 
 LAYER_CHOICES = ("after_me", "from_after_me", "me")
 SCORES = ("activation", "gamma")
 MODES = ("correct", "paper")
-CONFIG_NAME = "wemask_config.json"  # == melayer.load.WEMASK_CONFIG_NAME
+CONFIG_NAME = "wemask_config.json"
 
 
 @dataclass
@@ -36,7 +43,7 @@ class WeMaskConfig:
     "from_after_me", "me" or explicit 0-based block indices; ``score``: rank dims by |attention input|
     ("activation") or by |γ| of the pre-attention norm ("gamma"); ``gamma``: masked dims are multiplied
     by it (0 = hard zeroing, the paper); ``mode``: "correct" or "paper"; ``me_layer``: the ME block
-    (None: found by ``melayer.scan.find_me_layer``).
+    (None: found by ``melayer.scanning.find_me_layer``).
     """
 
     rate: float = 0.0
@@ -102,16 +109,12 @@ class WeMaskConfig:
         """A copy with explicit layers (and the ME layer found once), so a reload never re-scans."""
         if self.is_resolved:
             return dataclasses.replace(self)
-        from .adapters import adapter_for
-
         me = self.me_layer if self.me_layer is not None else _find_me_layer(model, tokenizer)
         layers = self.resolve_layers(len(adapter_for(model).layers(model)), me)
         return dataclasses.replace(self, layers=layers, me_layer=me)
 
     def save(self, directory, model=None, tokenizer=None) -> Path:
         """Write ``directory/wemask_config.json`` atomically, with layers resolved (``model`` resolves them)."""
-        from .io import atomic_write_json
-
         cfg = self
         if not self.is_resolved and self.rate > 0:
             if model is None:
@@ -122,8 +125,6 @@ class WeMaskConfig:
     @classmethod
     def load(cls, path) -> "WeMaskConfig":
         """Read a saved config from its JSON file or from the folder holding it."""
-        from .io import read_config_json
-
         return cls(**read_config_json(cls, path, CONFIG_NAME, "WeMask config"))
 
 
@@ -132,22 +133,31 @@ def _is_int(v) -> bool:
 
 
 def _find_me_layer(model, tokenizer) -> int:
-    try:
-        from .scan import find_me_layer
-    except ImportError:
-        raise MelayerError("the ME layer is unknown and melayer.scan is unavailable: pass me_layer=") from None
     return int(find_me_layer(model, tokenizer))
+
+
+# model -> the WeMask handles applied to it and not yet removed (weak: no attribute on the model)
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def active_wemasks(model) -> list["WeMaskHandle"]:
+    """The WeMasks applied to ``model`` (or its PEFT wrapper's base) and not yet removed, oldest first."""
+    return list(_ACTIVE.get(base_model(model), []))
 
 
 class WeMaskHandle:
     """The hooks of one applied WeMask: ``remove()`` restores the model exactly."""
 
-    def __init__(self, config: WeMaskConfig, layers: list[int], k: int, hooks, counters: dict[int, torch.Tensor]):
+    def __init__(self, config: WeMaskConfig, layers: list[int], k: int, hooks, counters: dict[int, torch.Tensor],
+                 model=None):
         self.config = config
         self.layers = layers
         self.k = k
         self._hooks = hooks
         self._counters = counters
+        self._model = weakref.ref(base_model(model)) if model is not None else None
+        if self._model is not None:
+            _ACTIVE.setdefault(self._model(), []).append(self)
 
     @property
     def fired(self) -> int:
@@ -165,6 +175,9 @@ class WeMaskHandle:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        model = self._model() if self._model is not None else None
+        if model is not None and self in _ACTIVE.get(model, []):
+            _ACTIVE[model].remove(self)
 
     def __enter__(self) -> "WeMaskHandle":
         return self
@@ -176,16 +189,6 @@ class WeMaskHandle:
         c = self.config
         return (f"WeMaskHandle(rate={c.rate}, k={self.k}, layers={self.layers}, mode={c.mode!r}, "
                 f"score={c.score!r}, gamma={c.gamma})")
-
-
-def _attn_input(args, kwargs) -> torch.Tensor:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-
-
-def _replace_input(args, kwargs, x):
-    if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": x}
-    return (x, *args[1:]), kwargs
 
 
 def _apply(x: torch.Tensor, where: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -208,14 +211,14 @@ def _token_scores(x: torch.Tensor, index: torch.Tensor, gain_fn) -> torch.Tensor
 
 def _correct_hook(ctx, k: int, gamma: float, gain_fn, counter: torch.Tensor):
     def hook(module, args, kwargs):
-        x = _attn_input(args, kwargs)
+        x = hidden_arg(args, kwargs)
         sel = ctx.first_token().to(x.device)  # (B, L): each sequence's first real token, if in this chunk
         row = sel.int().argmax(dim=1)  # chunk index of the first token (0 when absent: unused)
         score = _token_scores(x, row, gain_fn)
         score = score if gain_fn is not None else score.float()  # activations ranked in fp32
         where = sel.unsqueeze(-1) & _dim_mask(score, k).unsqueeze(1)
         counter.add_(sel.sum())
-        return _replace_input(args, kwargs, _apply(x, where, gamma))
+        return replace_hidden_arg(args, kwargs, _apply(x, where, gamma))
 
     return hook
 
@@ -229,7 +232,7 @@ def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor, ctx=None):
     its items run one at a time through the literal hook.
     """
     def hook(module, args, kwargs):
-        x = _attn_input(args, kwargs)
+        x = hidden_arg(args, kwargs)
         positions = torch.arange(x.shape[1], device=x.device)
         if ctx is None:
             # the official code ranks in the model's dtype: so do we, to pick the very same dims
@@ -242,7 +245,7 @@ def _paper_hook(k: int, gamma: float, gain_fn, counter: torch.Tensor, ctx=None):
             sel = (positions[None, :] == row[:, None]) & valid.any(dim=1, keepdim=True)
             where = sel.unsqueeze(-1) & _dim_mask(_token_scores(x, row, gain_fn), k).unsqueeze(1)
             counter.add_(sel.sum())
-        return _replace_input(args, kwargs, _apply(x, where, gamma))
+        return replace_hidden_arg(args, kwargs, _apply(x, where, gamma))
 
     return hook
 
@@ -257,9 +260,6 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
     paper hook's output depends on which sequences share the batch, so generate with ``engine="hf"``: the
     compact engine drops finished sequences from the batch.
     """
-    from .adapters import adapter_for
-    from .hooks import HookGroup, TokenContext
-
     if config is None:
         config = WeMaskConfig(**fields)
     elif fields:
@@ -267,12 +267,16 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
     config.validate()
     adapter = adapter_for(model)
     blocks = adapter.layers(model)
-    hidden = _hidden_size(model)
+    hidden = hidden_size(model)
     if config.rate > 0:  # resolved even when k rounds to 0, so handle.config can always be saved
         config = config.resolved(model, tokenizer)
     k = config.k(hidden)
     if k == 0:
-        return WeMaskHandle(config, [], 0, None, {})
+        if config.rate > 0:
+            warnings.warn(f"WeMask rate {config.rate:g} masks floor({config.rate:g} x {hidden}) = 0 dims of this "
+                          f"model: nothing is masked (the smallest rate that masks a dim is {1 / hidden:.4g})",
+                          stacklevel=2)
+        return WeMaskHandle(config, [], 0, None, {}, model)
     if config.score == "gamma" and adapter.attn_norm is None:
         raise MelayerError(f"score='gamma' needs a pre-attention norm; the {adapter.family} family has none "
                            f"(its attention reads the raw residual): use score='activation'")
@@ -294,15 +298,7 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
             else:
                 fn = _paper_hook(k, config.gamma, gain_fn, counters[i], ctx)
             hooks.pre(adapter.attn_module(block), fn, with_kwargs=True)
-    return WeMaskHandle(config, layers, k, hooks, counters)
-
-
-def _hidden_size(model) -> int:
-    from .adapters import base_model
-
-    config = base_model(model).config
-    config = getattr(config, "get_text_config", lambda: config)()
-    return int(config.hidden_size)
+    return WeMaskHandle(config, layers, k, hooks, counters, model)
 
 
 class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.01) as h:``
@@ -331,89 +327,16 @@ class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.
         self.handle.remove()
 
 
-# -- CLI ------------------------------------------------------------------------------------------------
-
-def parse_layers(text: str) -> Union[str, list[int]]:
-    """--wemask-layers: after_me, from_after_me, me, or comma-separated 0-based block indices."""
-    text = text.strip()
+def parse_layers(text: str, sep: str = ",") -> Union[str, list[int]]:
+    """A layer set: after_me, from_after_me, me, or 0-based block indices joined by ``sep``."""
+    text = str(text).strip()
     if text in LAYER_CHOICES:
         return text
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        layers = [int(t) for t in text.split(sep) if t.strip()]
     except ValueError:
-        raise MelayerError(f"--wemask-layers must be {', '.join(LAYER_CHOICES)} or comma-separated integers, "
-                           f"got {text!r}") from None
-
-
-def register_cli(sub) -> None:
-    from .cli import model_argument
-
-    p = sub.add_parser("generate", help="generate text, optionally with WeMask (--compare: with vs without)")
-    model_argument(p)
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
-                   help="prompt text (repeat for a batch)")
-    p.add_argument("--wemask-rate", type=float, default=None, metavar="R",
-                   help="fraction of hidden dims masked at the first token (e.g. 0.01); default: no WeMask "
-                        "(or the mask saved with the model)")
-    p.add_argument("--wemask-layers", default="after_me", metavar="L",
-                   help="after_me (default), from_after_me, me, or comma-separated 0-based block indices")
-    p.add_argument("--wemask-mode", choices=MODES, default="correct")
-    p.add_argument("--wemask-score", choices=SCORES, default="activation")
-    p.add_argument("--wemask-gamma", type=float, default=0.0, metavar="G",
-                   help="masked dims are multiplied by G (0: zeroed, the paper)")
-    p.add_argument("--me-layer", type=int, default=None, help="ME block (default: found by a scan)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--compare", action="store_true", help="print outputs without and with WeMask side by side")
-    p.set_defaults(handler=generate_command)
-
-
-def _cli_config(args) -> Optional[WeMaskConfig]:
-    if args.wemask_rate is None:
-        if args.me_layer is not None:
-            raise MelayerError("--me-layer needs --wemask-rate")
-        return None
-    return WeMaskConfig(rate=args.wemask_rate, layers=parse_layers(args.wemask_layers), score=args.wemask_score,
-                        gamma=args.wemask_gamma, mode=args.wemask_mode, me_layer=args.me_layer)
-
-
-def generate_command(args) -> int:
-    from .generation import GenerationConfig, encode_prompt, eos_ids, generate_batch
-    from .load import load_model
-    from .scan import left_pad
-    from .report import console_table
-
-    if args.max_new_tokens < 1:
-        raise MelayerError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    config = _cli_config(args)  # validated before the (slow) model load
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    saved = getattr(model, "melayer_wemask", None)
-    if saved is not None:  # the CLI decides what is applied: start from the bare model
-        saved.remove()
-        config = config or saved.config
-    if args.compare and config is None:
-        raise MelayerError("--compare needs --wemask-rate (or a model saved with a WeMask config)")
-
-    ids, mask = left_pad([encode_prompt(tokenizer, t, args.chat) for t in args.prompt], tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    eos = eos_ids(tokenizer, model)
-
-    def run() -> list[str]:
-        out = generate_batch(model, ids, mask, gen, eos, tokenizer.pad_token_id)
-        return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
-
-    plain = run() if (args.compare or config is None) else None
-    masked = None
-    if config is not None:
-        with wemask(model, config, tokenizer=tokenizer, per_sequence=True) as handle:  # paper: as run one by one
-            masked = run()
-    if args.compare:
-        title = f"WeMask {handle!r}"
-        console_table(title, ["prompt", "without WeMask", "with WeMask"], zip(args.prompt, plain, masked))
-    else:
-        for text in (masked if masked is not None else plain):
-            print(text)
-    return 0
-
+        layers = []
+    if not layers:
+        raise MelayerError(f"WeMask layers must be {', '.join(LAYER_CHOICES)} or block indices joined by "
+                           f"{sep!r}, got {text!r}")
+    return layers

@@ -11,9 +11,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..adapters import adapter_for, base_model
+from ..adapters import adapter_for
 from ..errors import MelayerError
 from ..hooks import HookGroup, block_output
+from ..modelutils import device_of
+from ..prompt_sets import SCAN_TEXTS
+from ..text import Prompt, encode, left_pad, pad_id
 
 
 @dataclass
@@ -51,10 +54,8 @@ InputsLike = Union[Inputs, Sequence[str]]
 
 
 def prepare_inputs(tokenizer, prompts: Optional[Sequence] = None, max_tokens: int = 96) -> Inputs:
-    """Encode prompts (strings or :class:`melayer.scan.Prompt`; default: the scan's built-in texts)."""
-    from ..scan import DEFAULT_TEXTS, Prompt, encode, left_pad
-
-    prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in (prompts or DEFAULT_TEXTS)]
+    """Encode prompts (strings or :class:`melayer.text.Prompt`; default: the scan's built-in texts)."""
+    prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in (prompts or SCAN_TEXTS)]
     if not prompts:
         raise MelayerError("no prompts to explain")
     encoded = []
@@ -63,8 +64,7 @@ def prepare_inputs(tokenizer, prompts: Optional[Sequence] = None, max_tokens: in
         if len(ids) < 2:
             raise MelayerError(f"prompt needs at least 2 tokens (token 0 and an ordinary one): {p.text!r}")
         encoded.append(ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_pad(encoded, pad)
+    ids, mask = left_pad(encoded, pad_id(tokenizer))
     return Inputs(ids, mask, [p.text for p in prompts])
 
 
@@ -72,32 +72,11 @@ def as_inputs(tokenizer, inputs: InputsLike) -> Inputs:
     return inputs if isinstance(inputs, Inputs) else prepare_inputs(tokenizer, inputs)
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
 def run_decoder(model: nn.Module, inputs: Inputs) -> None:
     """One forward pass of the bare decoder (no logits): hooks do the observing."""
-    device = model_device(model)
+    device = device_of(model)
     adapter_for(model).decoder(model)(input_ids=inputs.input_ids.to(device),
                                       attention_mask=inputs.attention_mask.to(device), use_cache=False)
-
-
-def num_layers(model: nn.Module) -> int:
-    return len(adapter_for(model).layers(model))
-
-
-def check_layer(model: nn.Module, me_layer: int) -> int:
-    n = num_layers(model)
-    if isinstance(me_layer, bool) or not isinstance(me_layer, int) or not 0 <= me_layer < n:
-        raise MelayerError(f"ME layer must be a 0-based block index in [0, {n - 1}], got {me_layer!r}")
-    return me_layer
-
-
-def hidden_arg(args, kwargs) -> torch.Tensor:
-    """The hidden-state argument of a block / attention / norm forward, positional or keyword."""
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 def capture_block_outputs(model: nn.Module, inputs: Inputs, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -128,19 +107,11 @@ def massive_dims(model: nn.Module, inputs: Inputs, me_layer: int, rel: float = 0
     return [int(d) for d in keep]
 
 
-def rms_eps(norm: nn.Module) -> float:
-    for name in ("variance_epsilon", "eps", "epsilon"):
-        v = getattr(norm, name, None)
-        if isinstance(v, float):
-            return v
-    raise MelayerError(f"cannot find the epsilon of norm {type(norm).__name__}")
-
-
-def hidden_size(model: nn.Module) -> int:
-    config = base_model(model).config
-    return int(getattr(config, "get_text_config", lambda: config)().hidden_size)
-
-
-def masked_median(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row median of ``values`` (B, T) over the positions where ``mask`` is True (NaN if none)."""
-    return torch.nanmedian(values.float().masked_fill(~mask, float("nan")), dim=1).values
+def effective_rank(x: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the normalised singular values of a 2-D matrix (fp64 for stability)."""
+    s = torch.linalg.svdvals(x.double())
+    s = s[s > s.max() * 1e-12] if s.numel() and s.max() > 0 else s[:0]
+    if s.numel() == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(torch.exp(-(p * p.log()).sum()))

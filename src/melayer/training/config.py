@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import MelayerError
-from ..wemask import WeMaskConfig
+from ..io import atomic_write_json, read_config_json
+from ..masking import WeMaskConfig
 
 CONFIG_NAME = "train_config.json"
 ALGOS = ("sft", "grpo")
@@ -114,14 +115,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, directory) -> Path:
-        from ..io import atomic_write_json
-
         return atomic_write_json(Path(directory) / CONFIG_NAME, self.to_json())
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        from ..io import read_config_json
-
         return cls(**read_config_json(cls, path, CONFIG_NAME, "training config"))
 
     def resume_mismatch(self, saved: "TrainConfig") -> list[str]:

@@ -1,4 +1,4 @@
-"""Uncertainty for benchmark scores: Wilson intervals, exact McNemar, and (paired) bootstrap of ratio metrics.
+"""Uncertainty: Wilson intervals, exact McNemar, (paired) bootstrap of ratio metrics, Holm; shared by eval and explain.
 
 Every metric is a ratio of sums over items (accuracy: sum(correct)/n; instruction-level accuracy:
 sum(followed)/sum(instructions); perplexity: exp(sum NLL / sum tokens)), so one bootstrap over items

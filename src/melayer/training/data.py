@@ -1,4 +1,4 @@
-"""GSM8K for training: loading (local folder or hub), chat-formatted rows, and the GRPO rewards.
+"""GSM8K for training: chat-formatted rows and the GRPO rewards (rows come from :func:`melayer.data.load_gsm8k`).
 
 Prompts are exactly ``melayer eval``'s GSM8K prompts (the question, then "Please reason step by step,
 and put your final answer within \\boxed{}."), so a trained model is evaluated on what it learnt.
@@ -8,56 +8,16 @@ last line ``#### N``; its correctness reward extracts the final number with ``me
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
-from typing import Optional
 
-from ..errors import MelayerError
 from ..evaluate.scorers import extract_gsm8k, gsm8k_gold, numbers_equal
 from ..evaluate.tasks import GSM8K
-
-GSM8K_HUB = ("openai/gsm8k", "main")
 
 _NUMBER = r"-?\$?[\d,]*\.?\d+"
 _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 48/2 = <<48/2=24>>24
 _FINAL_LINE = re.compile(r"\n?####\s*(.+?)\s*$")
 _BOXED_NUMBER = re.compile(r"\\boxed\{\s*" + _NUMBER + r"\s*\}")
 _HASH_LAST_LINE = re.compile(r"^\s*####\s*" + _NUMBER + r"\s*\.?\s*$")
-
-
-def load_gsm8k(split: str = "train", data_dir: Optional[str] = None) -> list[dict]:
-    """Rows ``{"question", "answer"}``: from ``data_dir`` (``gsm8k/<split>.jsonl`` or ``<split>.jsonl``) or the hub."""
-    if data_dir is None:
-        try:
-            from datasets import load_dataset
-
-            ds = load_dataset(*GSM8K_HUB, split=split)
-        except Exception as e:  # offline, missing dataset: one readable line
-            raise MelayerError(f"cannot load GSM8K {split} from the hub ({type(e).__name__}); "
-                               f"pass --data-dir with gsm8k/{split}.jsonl") from None
-        return [{"question": r["question"], "answer": r["answer"]} for r in ds]
-    root = Path(data_dir).expanduser()
-    for path in (root / "gsm8k" / f"{split}.jsonl", root / f"{split}.jsonl"):
-        if path.is_file():
-            break
-    else:
-        raise MelayerError(f"GSM8K {split} not found under {root} (expected gsm8k/{split}.jsonl)")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if "####" not in row["answer"]:
-                raise KeyError("####")
-            rows.append({"question": row["question"], "answer": row["answer"]})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MelayerError(f"{path}:{n}: not a GSM8K row (JSON with 'question' and an 'answer' "
-                               f"ending in '#### N')") from None
-    if not rows:
-        raise MelayerError(f"{path} is empty")
-    return rows
 
 
 def has_answer_format(completion: str) -> bool:
@@ -103,13 +63,3 @@ def correctness_reward(prompts, completions, gold, **kwargs) -> list[float]:
 def format_reward(prompts, completions, **kwargs) -> list[float]:
     """1 when the final answer is given as ``\\boxed{N}`` or as a last line ``#### N``, else 0."""
     return [float(has_answer_format(_text(c))) for c in completions]
-
-
-def subset(rows: list[dict], limit: Optional[int], seed: int) -> list[dict]:
-    """A seeded random subset (the same for a baseline and its WeMask run)."""
-    if limit is None or limit >= len(rows):
-        return rows
-    import random
-
-    idx = sorted(random.Random(seed).sample(range(len(rows)), limit))
-    return [rows[i] for i in idx]

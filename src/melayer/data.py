@@ -1,8 +1,8 @@
-"""Benchmark data from a local folder (the layout of ``../shared/data``) or, without one, from the Hugging Face Hub.
+"""Benchmark and training data from a local folder (the layout of ``shared/data``) or else the Hugging Face Hub.
 
 Every loader returns plain dict rows with a stable string ``id``; local and hub rows are normalised to the
-same fields, so tasks never care where data came from. ``datasets`` (hub) and ``pandas`` (AIME's parquet)
-are imported only when needed.
+same fields, so evaluation and training never care where data came from. ``datasets`` (hub) and ``pandas``
+(AIME's parquet) are imported only when needed.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import random
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ..errors import MelayerError
+from .errors import MelayerError
 
 # task data name -> (hub dataset, config, split)
 HUB = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
+    "gsm8k_train": ("openai/gsm8k", "main", "train"),
     "math500": ("HuggingFaceH4/MATH-500", None, "test"),
     "aime24": ("Maxwell-Jia/AIME_2024", None, "train"),
     "ifeval": ("google/IFEval", None, "train"),
@@ -51,8 +52,15 @@ def _local(data_dir: Path, rel: str) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise MelayerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
 
 
 def _csv(path: Path) -> list[dict]:
@@ -60,9 +68,27 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def load_gsm8k(data_dir: Optional[Path]) -> list[dict]:
-    rows = _jsonl(_local(data_dir, "gsm8k/test.jsonl")) if data_dir else _hub_rows("gsm8k")
-    return [{"id": f"test-{i}", "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
+def load_gsm8k(data_dir: Optional[Path], split: str = "test") -> list[dict]:
+    """GSM8K rows ``{"id", "question", "answer"}`` (the answer ends in ``#### N``); ``split`` test or train."""
+    if data_dir is None:
+        rows = _hub_rows("gsm8k" if split == "test" else f"gsm8k_{split}")
+        where = "the hub"
+    else:
+        path = _local(data_dir, f"gsm8k/{split}.jsonl")
+        rows, where = _jsonl(path), str(path)
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or "####" not in str(r.get("answer")):
+            raise MelayerError(f"{where}: row {i + 1} is not a GSM8K row (a 'question' and an 'answer' ending in "
+                               "'#### N')")
+        out.append({"id": f"{split}-{i}", "question": r["question"], "answer": r["answer"]})
+    if not out:
+        raise MelayerError(f"{where}: no GSM8K rows")
+    return out
+
+
+def load_gsm8k_train(data_dir: Optional[Path]) -> list[dict]:
+    return load_gsm8k(data_dir, "train")
 
 
 def load_math500(data_dir: Optional[Path]) -> list[dict]:
@@ -161,7 +187,7 @@ def load_wikitext2(data_dir: Optional[Path]) -> list[dict]:
 
 
 LOADERS: dict[str, Callable[[Optional[Path]], list[dict]]] = {
-    "gsm8k": load_gsm8k, "math500": load_math500, "aime24": load_aime24, "ifeval": load_ifeval,
+    "gsm8k": load_gsm8k, "gsm8k_train": load_gsm8k_train, "math500": load_math500, "aime24": load_aime24, "ifeval": load_ifeval,
     "mmlu": load_mmlu, "mmlu_dev": load_mmlu_dev, "xstest": load_xstest, "advbench": load_advbench,
     "harmbench": load_harmbench, "wikitext2": load_wikitext2,
 }

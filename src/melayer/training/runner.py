@@ -6,7 +6,7 @@ checkpointing (the hooked modules run again) and in GRPO's rollouts, which use p
 on the same module (no vLLM, no continuous batching: engines that would bypass the hooks are refused).
 
 Checkpoints are loadable model folders: ``load_model(out/checkpoint-N)`` gets the trained weights and
-re-applies the saved ``wemask_config.json``. With LoRA a checkpoint holds the merged weights at its
+``saved_wemask`` the mask they were trained with (``wemask_config.json``). With LoRA a checkpoint holds the merged weights at its
 root (for ``load_model``) and the adapter under ``adapter/`` (for ``--resume``).
 """
 from __future__ import annotations
@@ -20,8 +20,12 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MelayerError
+from ..load import load_model
+from ..masking import apply_wemask
 from .config import TrainConfig
-from .data import correctness_reward, format_reward, grpo_rows, load_gsm8k, sft_rows, subset
+from .report import write_train_report
+from .. import data
+from .data import correctness_reward, format_reward, grpo_rows, sft_rows
 
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -49,7 +53,7 @@ def _device(cfg: TrainConfig) -> str:
 
 
 def save_loadable(model, tokenizer, directory: Path, cfg: TrainConfig) -> None:
-    """Write a plain model folder (LoRA merged into a copy) that ``load_model`` opens with its WeMask."""
+    """Write a plain model folder (LoRA merged into a copy) that ``load_model`` opens, with its WeMask config."""
     base = model
     if cfg.lora:
         with torch.no_grad():
@@ -161,15 +165,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = Fal
 
     from datasets import Dataset
 
-    from ..load import load_model
-    from ..wemask import apply_wemask
-
     cfg.validate()
     resume_from = _prepare_out(cfg)
     device = _device(cfg)
     if model is None:
-        # the training config decides the mask: a saved one in the model folder is not re-applied
-        model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype, apply_saved_wemask=False)
+        # the training config decides the mask: one saved in the model folder is not applied
+        model, tokenizer = load_model(cfg.model, device=device, dtype=cfg.dtype)
     if tokenizer is None:
         raise MelayerError("train(model=...) needs its tokenizer too")
     if not getattr(tokenizer, "chat_template", None):
@@ -184,10 +185,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = Fal
                                                  lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     handle = apply_wemask(model, cfg.wemask, tokenizer=tokenizer)
-    model.melayer_wemask = handle  # same convention as load_model
     cfg = dataclasses.replace(cfg, wemask=handle.config)  # layers (and ME layer) resolved once, saved as such
 
-    rows = subset(load_gsm8k("train", cfg.data_dir), cfg.limit, cfg.seed)
+    rows = data.select(data.load("gsm8k_train", cfg.data_dir), cfg.limit, cfg.seed)
     dataset = Dataset.from_list(sft_rows(rows) if cfg.algo == "sft" else grpo_rows(rows))
     args = _training_args(cfg, device)
     sft_cls, grpo_cls = _trainer_classes()
@@ -217,7 +217,5 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = Fal
                          log_history=list(trainer.state.log_history), wemask_fired=handle.fired,
                          trainer=trainer if keep_trainer else None, handle=handle)
     if trainer.is_world_process_zero():
-        from .report import write_train_report
-
         write_train_report(result)
     return result

@@ -20,8 +20,10 @@ import torch
 from ..adapters import adapter_for
 from ..errors import MelayerError
 from ..hooks import HookGroup, TokenContext, block_output
-from .common import (Inputs, InputsLike, as_inputs, capture_block_outputs, check_layer, hidden_arg,
-                     masked_median, model_device, num_layers, rms_eps, token0)
+from ..report import markdown_table, new_figure, progress as progress_bar
+from ..modelutils import check_layer, device_of, hidden_arg, masked_median, num_layers, rms_eps
+from .registry import Analysis, Context, register_analysis
+from .common import Inputs, InputsLike, as_inputs, capture_block_outputs, token0
 
 WIKITEXT = Path("wikitext2") / "wiki.test.raw"
 
@@ -109,6 +111,41 @@ def cap_ffn_output(model, layer: int, c: float):
         yield
 
 
+def _ffn_product_hook(model, layer: int, scale_fn):
+    """A pre-hook on the ME block's down projection that rescales each token's FFN product act(gate)·up."""
+    ad = adapter_for(model)
+    hooks = HookGroup()
+    ctx = TokenContext(model, hooks)
+
+    def pre(module, args):
+        prod = args[0]
+        rms = prod.float().pow(2).mean(-1).add(1e-6).sqrt()  # (B, T)
+        factor = scale_fn(rms, ctx).masked_fill(~ctx.valid, 1.0)
+        return ((prod.float() * factor[..., None]).to(prod.dtype), *args[1:])
+
+    hooks.pre(getattr(ad.mlp_module(ad.block(model, layer)), ad.down), pre)
+    return hooks
+
+
+@contextlib.contextmanager
+def shrink_ffn_product(model, layer: int):
+    """The official code's ablation: every token's FFN product scaled to the median RMS of the other tokens,
+    never enlarged (so token 0, whose product is largest, shrinks most)."""
+    def scale(rms, ctx):
+        ref = masked_median(rms, ctx.valid & ~ctx.first_token())[:, None]
+        return (ref / rms).clamp(max=1.0)
+
+    with _ffn_product_hook(model, layer, scale):
+        yield
+
+
+@contextlib.contextmanager
+def normalise_ffn_product(model, layer: int):
+    """The official code's other ablation: every token's FFN product RMS-normalised to 1."""
+    with _ffn_product_hook(model, layer, lambda rms, ctx: 1.0 / rms):
+        yield
+
+
 @contextlib.contextmanager
 def set_massive(model, layer: int, dims: Sequence[int], values: Sequence[float]):
     """Sun et al.'s test: token 0's values on ``dims`` at the block's output overwritten with ``values``."""
@@ -158,7 +195,7 @@ def wikitext_windows(tokenizer, data_dir: str | Path, n_tokens: int = 2048, wind
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
     """exp(mean next-token NLL) over all windows (``batch`` windows per forward to bound logits memory)."""
-    device = model_device(model)
+    device = device_of(model)
     nll, count = 0.0, 0
     for s in range(0, windows.shape[0], batch):
         ids = windows[s:s + batch].to(device)
@@ -174,12 +211,13 @@ class AblationRow:
     name: str
     group: str  # "baseline", "rmsnorm", "ffn", "joint", "sun", "control"
     description: str
-    token0_max_me: float  # mean over windows (or prompts) of token 0's max |h| at the ME block's output
+    token0_max_me: float  # mean over prompts of token 0's max |h| at the ME block's output
     token0_max_last: float  # … at the last block's output (before the final norm)
     token0_dims_me: list[float] = field(default_factory=list)  # token 0 on the massive dims, ME output
     token0_dims_last: list[float] = field(default_factory=list)
-    ppl: Optional[float] = None
-    spike_left: float = float("nan")  # token0_max_me / baseline's (1 = untouched, 0 = gone)
+    ppl: Optional[float] = None  # WikiText-2 perplexity (None: not measured)
+    spike_left: float = float("nan")  # mean over prompts of token 0's max |h| at the ME output / the baseline's
+    spike_left_per_prompt: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -192,7 +230,6 @@ class Ablations:
     sun_mean_values: list[float]  # the per-dim means over inputs used by the "set to mean" test
     ppl_windows: int
     ppl_window_tokens: int
-    measured_on: str  # where token 0's values come from: "WikiText-2 windows" or "prompts"
     rows: list[AblationRow]
     alpha_convention: str = "γ_α = (1 − α)·γ + α·mean(γ); α = 0 is the unmodified model (the baseline row)"
 
@@ -202,34 +239,19 @@ class Ablations:
 
 @torch.no_grad()
 def measure(model, inputs: Inputs, me_layer: int, dims: Sequence[int],
-            windows: Optional[torch.Tensor] = None) -> tuple[float, float, list[float], list[float], Optional[float]]:
-    """Token 0's max |h| and massive-dim values at the ME and last block outputs, and perplexity.
-
-    With WikiText windows, token 0 is read from the very forward passes that give the perplexity (one pass
-    per setting; every window starts at its token 0); without them, from the prompts.
-    """
+            windows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, Optional[float]]:
+    """Token 0's block outputs (B, D) at the ME block and the last block, on the prompts, and the WikiText-2
+    perplexity of the windows (None without windows)."""
     last = num_layers(model) - 1
-    if windows is None:
-        outs = capture_block_outputs(model, inputs, sorted({me_layer, last}))
-        me0, last0, ppl = token0(outs[me_layer], inputs), token0(outs[last], inputs), None
-    else:
-        layers = adapter_for(model).layers(model)
-        rows: dict[int, list[torch.Tensor]] = {me_layer: [], last: []}
-        with HookGroup() as hooks:
-            for i in rows:
-                hooks.forward(layers[i], lambda m, a, o, i=i: rows[i].append(block_output(o)[:, 0].float().cpu()))
-            ppl = perplexity(model, windows)
-        me0, last0 = torch.cat(rows[me_layer]), torch.cat(rows[last])
-    return (float(me0.abs().amax(-1).mean()), float(last0.abs().amax(-1).mean()),
-            me0[:, list(dims)].mean(0).tolist(), last0[:, list(dims)].mean(0).tolist(), ppl)
+    outs = capture_block_outputs(model, inputs, sorted({me_layer, last}))
+    return token0(outs[me_layer], inputs), token0(outs[last], inputs), (perplexity(model, windows)
+                                                                        if windows is not None else None)
 
 
 def ablations(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequence[int], neurons: Sequence[int],
               windows: Optional[torch.Tensor] = None, alphas: Sequence[float] = (0.0, 0.5, 1.0), cap: float = 2.0,
               seed: int = 0, progress: bool = True) -> Ablations:
     """Run every ablation (alone and jointly) and the baseline; all restore the model on exit."""
-    from ..report import progress as bar
-
     check_layer(model, me_layer)
     inputs = as_inputs(tokenizer, inputs)
     dims, neurons = list(dims), list(neurons)
@@ -257,6 +279,10 @@ def ablations(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequenc
          lambda: zero_neurons(model, me_layer, neurons)),
         (f"zero_random{n}_neurons", "control", f"{n} random other FFN neurons zeroed",
          lambda: zero_neurons(model, me_layer, random_neurons)),
+        ("shrink_ffn_product", "ffn", "each token's FFN product act(gate)·up shrunk to the others' median RMS "
+         "(never enlarged; the official code's ablation)", lambda: shrink_ffn_product(model, me_layer)),
+        ("normalise_ffn_product", "ffn", "each token's FFN product act(gate)·up RMS-normalised (the official "
+         "code's ablation)", lambda: normalise_ffn_product(model, me_layer)),
         (f"cap_ffn_{cap:g}x", "ffn", f"token 0's FFN output norm capped at {cap:g} × the others' median",
          lambda: cap_ffn_output(model, me_layer, cap)),
     ]
@@ -273,18 +299,19 @@ def ablations(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequenc
         ("sun_mean", "sun", "token 0's massive values set to their mean over inputs at the ME output",
          lambda: set_massive(model, me_layer, dims, sun_mean)),
     ]
-    rows = []
-    for name, group, desc, make in bar(settings, desc="ablations", disable=not progress):
+    rows, base = [], None
+    for name, group, desc, make in progress_bar(settings, desc="ablations", disable=not progress):
         with make():
-            values = measure(model, inputs, me_layer, dims, windows)
-        rows.append(AblationRow(name, group, desc, *values))
-    base = rows[0].token0_max_me
-    for r in rows:
-        r.spike_left = r.token0_max_me / base if base else float("nan")
+            me_out, last_out, ppl = measure(model, inputs, me_layer, dims, windows)
+        peak = me_out.abs().amax(-1)
+        base = peak if base is None else base
+        left = (peak / base.clamp(min=1e-30)).tolist()
+        rows.append(AblationRow(name, group, desc, float(peak.mean()), float(last_out.abs().amax(-1).mean()),
+                                me_out[:, dims].mean(0).tolist(), last_out[:, dims].mean(0).tolist(), ppl,
+                                sum(left) / len(left), left))
     return Ablations(me_layer, dims, neurons, random_neurons, cap, sun_mean,
                      0 if windows is None else int(windows.shape[0]),
-                     0 if windows is None else int(windows.shape[1]),
-                     "prompts" if windows is None else "WikiText-2 windows", rows)
+                     0 if windows is None else int(windows.shape[1]), rows)
 
 
 @contextlib.contextmanager
@@ -293,3 +320,52 @@ def _joint(*managers):
         for m in managers:
             stack.enter_context(m)
         yield
+
+
+# -- in the explain report ----------------------------------------------------------------------------------
+
+def run(ctx: Context) -> Ablations:
+    c = ctx.config
+    return ablations(ctx.model, ctx.tokenizer, ctx.me_layer, ctx.inputs, ctx.dims,
+                     ctx.results["ffn"].ablate_neurons, ctx.windows, c.gamma_alphas, c.ffn_cap, c.seed, ctx.progress)
+
+
+def section(ab: Ablations, ctx: Context) -> list[str]:
+    me, dims = ctx.me_layer, ctx.dims
+    ppl_note = (f"WikiText-2 perplexity on {ab.ppl_windows} windows of {ab.ppl_window_tokens} tokens"
+                if ab.ppl_windows else "perplexity not measured (no --ppl-data-dir)")
+    return [f"Token 0's max |h| at the ME output (block {me}) and the last block, mean over the prompts; "
+            f"spike left = that max over the baseline's, per prompt, then averaged; {ppl_note}. "
+            f"{ab.alpha_convention}. FFN cap c = {ab.cap:g}. Sun et al.'s mean values: "
+            f"{[round(v, 2) for v in ab.sun_mean_values]}.", "",
+            markdown_table(["setting", "group", "max |h| tok0 @ME", "spike left", "max |h| tok0 @last",
+                            f"dim {dims[0]} @ME", f"dim {dims[0]} @last", "PPL"],
+                           [(x.name, x.group, x.token0_max_me, x.spike_left, x.token0_max_last,
+                             x.token0_dims_me[0], x.token0_dims_last[0], x.ppl) for x in ab.rows]),
+            "![ablations](ablations.png)", ""]
+
+
+def figures(ab: Ablations, ctx: Context) -> dict:
+    with_ppl = ab.ppl_windows > 0
+    fig, axes = new_figure(1, 2 if with_ppl else 1, figsize=(11 if with_ppl else 6.5, 0.35 * len(ab.rows) + 1.5),
+                           sharey=True, squeeze=False)
+    a = axes[0, 0]
+    names = [x.name for x in ab.rows][::-1]
+    y = range(len(names))
+    a.barh([v - 0.2 for v in y], [x.token0_max_me for x in ab.rows][::-1], 0.4,
+           label=f"ME output (block {ctx.me_layer})")
+    a.barh([v + 0.2 for v in y], [x.token0_max_last for x in ab.rows][::-1], 0.4, label="last block")
+    a.set_xscale("log")
+    a.set_yticks(list(y), names, fontsize=8)
+    a.set(xlabel="token 0 max |h|")
+    a.legend(fontsize=8)
+    if with_ppl:
+        b = axes[0, 1]
+        b.barh(list(y), [x.ppl for x in ab.rows][::-1], color="C2")
+        b.set_xscale("log")
+        b.set(xlabel="WikiText-2 perplexity")
+    return {"ablations": fig}
+
+
+ANALYSIS = register_analysis(Analysis("ablations", "Ablations at the ME layer", run, section=section,
+                                      figures=figures, needs=("ffn",)))

@@ -13,7 +13,11 @@ import torch
 
 from ..adapters import adapter_for
 from ..hooks import HookGroup
-from .common import InputsLike, as_inputs, check_layer, hidden_arg, masked_median, rms_eps, run_decoder
+from ..modelutils import check_layer, hidden_arg, masked_median, rms_eps
+from ..report import markdown_table, new_figure
+from .claims import Check, make_claim, not_measured
+from .common import InputsLike, as_inputs, run_decoder
+from .registry import Analysis, Context, register_analysis
 
 
 @dataclass
@@ -25,6 +29,7 @@ class RMSNormRole:
     scale_token0: float = float("nan")  # mean over inputs of 1/rms(h) of token 0
     scale_others: float = float("nan")  # mean over inputs of the median 1/rms(h) of the other tokens
     scale_ratio: float = float("nan")  # scale_token0 / scale_others
+    scale_ratio_per_prompt: list[float] = field(default_factory=list)  # each prompt's own ratio
     rms_token0: float = float("nan")
     rms_others: float = float("nan")
     scale_by_position: list[float] = field(default_factory=list)  # mean 1/rms per position from token 0
@@ -97,6 +102,7 @@ def rmsnorm_role(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequ
         me_layer=me_layer, norm=ad.ffn_norm, dims=dims,
         scale_token0=float(s0.mean()), scale_others=float(s_rest.mean()),
         scale_ratio=float(s0.mean() / s_rest.mean()),
+        scale_ratio_per_prompt=(s0 / s_rest).tolist(),
         rms_token0=float(rms[first].mean()), rms_others=float(masked_median(rms, others).mean()),
         scale_by_position=by_pos,
         gamma=gain.tolist(), gamma_dims=gain[dims].tolist(),
@@ -108,3 +114,61 @@ def rmsnorm_role(model, tokenizer, me_layer: int, inputs: InputsLike, dims: Sequ
         ffn_input_norm_token0=float(ffn_in_norm[first].mean()),
         ffn_input_norm_others=float(ffn_in_norm[others].mean()),
     )
+
+
+# -- in the explain report ----------------------------------------------------------------------------------
+
+AMPLIFY = 2.0  # RMSNorm "amplifies" token 0 when its 1/rms scale is at least twice the ordinary tokens'
+
+
+def run(ctx: Context) -> RMSNormRole:
+    return rmsnorm_role(ctx.model, ctx.tokenizer, ctx.me_layer, ctx.inputs, ctx.dims)
+
+
+def claims(n: RMSNormRole, ctx: Context) -> list:
+    statement = "RMSNorm amplifies token 0 at the ME layer (its pre-FFN scale exceeds the ordinary tokens')"
+    unit = "token 0's 1/rms(h) at the ME block's pre-FFN norm ÷ the median of the other tokens' (per prompt)"
+    rule = f"holds when the ratio's 95% CI lies above {AMPLIFY:g}"
+    scope = f"block {ctx.me_layer} (paper: {ctx.me_layer + 1}), {len(ctx.inputs)} prompts"
+    if not n.applicable:
+        return [not_measured("rmsnorm_amplifies", statement, unit, rule, scope, AMPLIFY, n.note)]
+    details = {"gamma_on_massive_dims": dict(zip(map(str, n.dims), n.gamma_dims)),
+               "gamma_abs_percentile": dict(zip(map(str, n.dims), n.gamma_percentile))}
+    ab = ctx.results.get("ablations")
+    if ab is not None:
+        details["spike_left"] = {r.name: r.spike_left for r in ab.rows if r.group == "rmsnorm"}
+    test = Check.measure("scale_ratio", n.scale_ratio_per_prompt, AMPLIFY, ">=", seed=ctx.config.seed)
+    return [make_claim("rmsnorm_amplifies", statement, [test], unit, rule, scope, details=details)]
+
+
+def section(n: RMSNormRole, ctx: Context) -> list[str]:
+    if not n.applicable:
+        return [n.note, ""]
+    return [f"Scale 1/rms(h): token 0 {n.scale_token0:.4g}, other tokens (median) {n.scale_others:.4g}, "
+            f"ratio {n.scale_ratio:.3f} (rms {n.rms_token0:.4g} vs {n.rms_others:.4g}). "
+            f"‖γ⊙x̂‖ (the FFN input): token 0 {n.ffn_input_norm_token0:.4g}, others {n.ffn_input_norm_others:.4g}. "
+            f"Median |γ| = {n.gamma_abs_median:.4g}.", "",
+            markdown_table(["dim", "γ", "|γ| percentile", "h tok0", "|h| others", "x̂ tok0", "|x̂| others",
+                            "γ⊙x̂ tok0", "|γ⊙x̂| others"],
+                           zip(n.dims, n.gamma_dims, n.gamma_percentile, n.h_token0, n.h_others,
+                               n.xhat_token0, n.xhat_others, n.gxhat_token0, n.gxhat_others)),
+            "![RMSNorm](rmsnorm.png)", ""]
+
+
+def figures(n: RMSNormRole, ctx: Context) -> dict:
+    if not n.applicable:
+        return {}
+    fig, (a, b) = new_figure(1, 2, figsize=(10, 3.6))
+    pos = list(range(len(n.scale_by_position)))
+    a.bar(pos, n.scale_by_position, color=["C3"] + ["C0"] * (len(pos) - 1))
+    a.set(xlabel="position (0 = token 0)", ylabel="1 / rms(h)", title=f"RMS scale at block {ctx.me_layer}'s pre-FFN norm")
+    b.hist(n.gamma, bins=60, color="C0")
+    for dd, gv in zip(n.dims, n.gamma_dims):
+        b.axvline(gv, color="C3", lw=1.5, label=f"dim {dd}: γ={gv:.3g}")
+    b.set(xlabel="γ (effective gain)", ylabel="dims", title="γ of the pre-FFN norm")
+    b.legend(fontsize=8)
+    return {"rmsnorm": fig}
+
+
+ANALYSIS = register_analysis(Analysis("rmsnorm", "RMSNorm at the ME layer (pre-FFN norm)", run, claims, section,
+                                      figures, needs=("emergence",)))

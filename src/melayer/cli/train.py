@@ -1,45 +1,26 @@
-"""`melayer train sft|grpo`: fine-tune on GSM8K with WeMask active in every forward and every rollout.
-
-TRL (SFTTrainer, GRPOTrainer with HF generation) and PEFT (LoRA) are optional dependencies
-(``requirements/train.txt``); they are imported only when a run starts.
-"""
+"""`melayer train sft|grpo`: fine-tuning on GSM8K with WeMask in every forward and every rollout."""
 from __future__ import annotations
 
-from .config import TrainConfig
+from ..report import console_table
+from ..training import TrainConfig, train
+from ..training.config import SCHEDULERS
+from ..training.report import summary
+from .common import add_data_dir_arg, add_model_args, add_parser, add_wemask_args, wemask_from_args
 
-__all__ = ["TrainConfig", "train", "register_cli"]
-
-
-def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = False):
-    """See :func:`melayer.train.runner.train` (imported lazily: TRL is heavy)."""
-    from .runner import train as _train
-
-    return _train(cfg, model=model, tokenizer=tokenizer, keep_trainer=keep_trainer)
+ALGOS = {"sft": "supervised fine-tuning on the GSM8K solutions",
+         "grpo": "GRPO with exact-answer and format rewards, HF-generate rollouts"}
 
 
-def register_cli(sub) -> None:
-    from ..cli import model_argument
-    from ..wemask import MODES, SCORES
-    from .config import SCHEDULERS
-
-    p = sub.add_parser("train", help="fine-tune (SFT or GRPO) on GSM8K with WeMask in every forward and rollout")
+def register(sub) -> None:
+    p = add_parser(sub, "train", "fine-tune (SFT or GRPO) on GSM8K with WeMask in every forward and rollout")
     algos = p.add_subparsers(dest="algo", required=True, metavar="ALGO")
-    for algo, help_text in (("sft", "supervised fine-tuning on the GSM8K solutions"),
-                            ("grpo", "GRPO with exact-answer and format rewards, HF-generate rollouts")):
-        a = algos.add_parser(algo, help=help_text)
-        model_argument(a)
+    for algo, help_text in ALGOS.items():
+        a = add_parser(algos, algo, help_text)
+        add_model_args(a)
         a.add_argument("--data", default="gsm8k", choices=["gsm8k"])
-        a.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="folder with gsm8k/train.jsonl (default: the Hugging Face hub)")
+        add_data_dir_arg(a, "gsm8k/train.jsonl")
         a.add_argument("--limit", type=int, default=None, metavar="N", help="train on a seeded subset of N rows")
-        a.add_argument("--wemask-rate", type=float, default=0.0, metavar="R",
-                       help="fraction of hidden dims masked at the first token (0: baseline, no mask)")
-        a.add_argument("--wemask-layers", default="after_me", metavar="L",
-                       help="after_me (default), from_after_me, me, or comma-separated 0-based block indices")
-        a.add_argument("--wemask-mode", choices=MODES, default="correct")
-        a.add_argument("--wemask-score", choices=SCORES, default="activation")
-        a.add_argument("--wemask-gamma", type=float, default=0.0, metavar="G")
-        a.add_argument("--me-layer", type=int, default=None, help="ME block (default: found by a scan)")
+        add_wemask_args(a, rate_help="fraction of hidden dims masked at the first token (0: baseline, no mask)")
         a.add_argument("--lora", action="store_true", help="train LoRA adapters (all linear layers)")
         a.add_argument("--lora-r", type=int, default=16)
         a.add_argument("--lora-alpha", type=int, default=32)
@@ -67,32 +48,24 @@ def register_cli(sub) -> None:
             a.add_argument("--beta", type=float, default=0.0, help="KL weight (0: no reference model)")
             a.add_argument("--format-weight", type=float, default=0.2,
                            help="weight of the format reward ('#### N' last line or \\boxed{N}); correctness: 1")
-        a.set_defaults(handler=_run_cli)
+        a.set_defaults(handler=run)
 
 
 def config_from_args(args) -> TrainConfig:
-    from ..wemask import WeMaskConfig, parse_layers
-
-    wemask = WeMaskConfig(rate=args.wemask_rate, layers=parse_layers(args.wemask_layers), mode=args.wemask_mode,
-                          score=args.wemask_score, gamma=args.wemask_gamma, me_layer=args.me_layer)
     extra = ({"max_length": args.max_length} if args.algo == "sft" else
              dict(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                   temperature=args.temperature, beta=args.beta, format_weight=args.format_weight))
     return TrainConfig(
         algo=args.algo, model=args.model, data=args.data, data_dir=args.data_dir, limit=args.limit,
-        out=args.out or f"runs/train_{args.algo}", wemask=wemask, lora=args.lora, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, max_steps=args.max_steps, lr=args.lr, lr_scheduler=args.lr_scheduler,
-        warmup=args.warmup, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seed=args.seed, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps,
-        gradient_checkpointing=not args.no_gradient_checkpointing, dtype=args.dtype or "fp32",
-        device=args.device, resume=args.resume, **extra)
+        out=args.out or f"runs/train_{args.algo}", wemask=wemask_from_args(args), lora=args.lora,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, max_steps=args.max_steps, lr=args.lr,
+        lr_scheduler=args.lr_scheduler, warmup=args.warmup, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
+        logging_steps=args.logging_steps, gradient_checkpointing=not args.no_gradient_checkpointing,
+        dtype=args.dtype or "fp32", device=args.device, resume=args.resume, **extra)
 
 
-def _run_cli(args) -> int:
-    from ..report import console_table
-    from .report import summary
-
+def run(args) -> int:
     result = train(config_from_args(args))
     console_table(f"melayer train {args.algo}: {result.out}", ["metric", "value"], summary(result).items())
     print(f"final model: {result.final_dir}  (report: {result.out / 'train_report.md'})")

@@ -40,6 +40,6 @@ def write_train_report(result) -> None:
     md = (f"# `melayer train {cfg.algo}` on {cfg.data}\n\n"
           f"Model `{cfg.model}`, WeMask {cfg.wemask}, LoRA {cfg.lora}, seed {cfg.seed}.\n\n"
           + markdown_table(["metric", "value"], stats.items())
-          + f"\nFinal model (loads with its WeMask via `melayer.load_model`): `{result.final_dir}`\n")
+          + f"\nFinal model (`melayer.load_model` loads it, `melayer.saved_wemask` gives its WeMask): `{result.final_dir}`\n")
     write_report(result.out, {"config": cfg.to_json(), "summary": stats, "log_history": result.log_history},
                  md, figures, name="train_report")
