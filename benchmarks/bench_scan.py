@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
-CARRIED_WIKI = ROOT / ".carry" / "data" / "wikitext2" / "wiki.test.raw"  # on the device machine
+CARRIED_WIKI = ROOT / ".carry" / "data" / "wikitext2" / "wiki.test.raw"  # staged copy (benchmarks/gpu/README.md)
 
 
 def make_input(tokenizer, tokens: int) -> torch.Tensor:

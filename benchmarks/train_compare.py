@@ -7,7 +7,7 @@ checkpoint, and the evaluation resumes from its per-sample JSONL.
 GPU (bf16 autocast, fp32 master weights; one epoch):
     python benchmarks/train_compare.py --data-dir ../shared/data --out runs/train_compare
 CPU smoke (a few steps, a few test items):
-    python benchmarks/train_compare.py --data-dir ../shared/data --out /tmp/train_compare_smoke \
+    python benchmarks/train_compare.py --data-dir ../shared/data --out runs/train_compare_smoke \
         --limit 16 --max-steps 2 --batch-size 2 --save-steps 1 --eval-limit 4 --max-new-tokens 48
 """
 from __future__ import annotations

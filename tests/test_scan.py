@@ -267,7 +267,8 @@ def test_load_model_second_load_uses_the_cache():
     """A GGUF is dequantised once; the cached folder is keyed by the file's sha256."""
     import time
 
-    from melayer.load import cache_root, default_gguf_path, load_model, sha256_file
+    from melayer.load import default_gguf_path, load_model
+    from melayer.model_cache import cache_root, sha256_file
 
     load_model("default", device="cpu")
     target = cache_root() / "gguf" / sha256_file(default_gguf_path())

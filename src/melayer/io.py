@@ -6,8 +6,9 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import MelayerError
 
@@ -95,31 +96,77 @@ def read_config_json(cls, path: str | os.PathLike, filename: str, what: str) -> 
 
 
 class JsonlLog:
-    """Append-only JSONL log that survives SIGKILL: one fsynced line per record.
+    """Append-only JSONL log that survives SIGKILL and shares its file safely between processes.
 
-    On open, a torn last line (the process died mid-write) is cut off, so a resumed run
-    neither loses a finished record nor duplicates one.
+    One fsynced write per batch of records, under a file lock (``<log>.lock``) that every writer and
+    :meth:`rewrite` take, so several commands can append to one log while another rescores it. On open, a last
+    line without its newline is kept when it parses (the process died after writing it); a truly torn one is
+    moved aside to ``<log>.torn-<n>`` with a warning, never deleted. Reading names the file and line of a
+    corrupt row or of a row that lacks one of ``required`` fields, instead of skipping it.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, required: Sequence[str] = ()):
         self.path = Path(path)
+        self.required = tuple(required)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
+        with self._lock():
+            self._repair()
+
+    def _lock(self):
+        from filelock import FileLock
+
+        return FileLock(str(self.path) + ".lock")
 
     def _repair(self) -> None:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        tail = data[start:]
+        try:
+            ok = isinstance(json.loads(tail.decode("utf-8")), dict)
+        except (UnicodeDecodeError, ValueError):
+            ok = False
+        with open(self.path, "r+b") as f:
+            if ok:  # a complete record whose newline never made it: keep it
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+            else:
+                n = 1 + sum(1 for _ in self.path.parent.glob(f"{self.path.name}.torn-*"))
+                aside = self.path.with_name(f"{self.path.name}.torn-{n}")
+                aside.write_bytes(tail)
+                f.truncate(start)
+                warnings.warn(f"{self.path}: its last line was cut off by a killed writer ({len(tail)} bytes); "
+                              f"moved to {aside.name}", stacklevel=3)
+            f.flush()
+            os.fsync(f.fileno())
 
     def __iter__(self) -> Iterator[dict]:
+        return iter(self.read())
+
+    def read(self) -> list[dict]:
         if not self.path.exists():
-            return iter(())
-        with open(self.path, encoding="utf-8") as f:
-            return iter([json.loads(line) for line in f if line.strip()])
+            return []
+        rows = []
+        with open(self.path, encoding="utf-8", errors="strict") as f:
+            try:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError as e:
+                        raise MelayerError(f"{self.path}:{n}: not a JSON record ({e}); fix or delete that line") \
+                            from None
+                    missing = [k for k in self.required if not isinstance(row, dict) or k not in row]
+                    if missing:
+                        raise MelayerError(f"{self.path}:{n}: not a row of this log (no {', '.join(missing)})")
+                    rows.append(row)
+            except UnicodeDecodeError:
+                raise MelayerError(f"{self.path}: not UTF-8 text (line {n})") from None
+        return rows
 
     def append(self, record: dict) -> None:
         self.extend([record])
@@ -128,7 +175,15 @@ class JsonlLog:
         lines = "".join(dumps(r) + "\n" for r in records)
         if not lines:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with self._lock(), open(self.path, "a", encoding="utf-8") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+
+    def update(self, fn) -> int:
+        """Rewrite the log as ``fn(rows)`` returns it, atomically and under the lock (no concurrent append is lost);
+        returns the number of rows written."""
+        with self._lock():
+            rows = fn(self.read())
+            atomic_write_text(self.path, "".join(dumps(r) + "\n" for r in rows))
+        return len(rows)

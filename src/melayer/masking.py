@@ -12,6 +12,7 @@ in ``generate`` and in training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -125,7 +126,12 @@ class WeMaskConfig:
     @classmethod
     def load(cls, path) -> "WeMaskConfig":
         """Read a saved config from its JSON file or from the folder holding it."""
-        return cls(**read_config_json(cls, path, CONFIG_NAME, "WeMask config"))
+        fields = read_config_json(cls, path, CONFIG_NAME, "WeMask config")
+        try:
+            return cls(**fields)
+        except MelayerError as e:
+            file = Path(path) / CONFIG_NAME if Path(path).is_dir() else Path(path)
+            raise MelayerError(f"{file}: {e}") from None
 
 
 def _is_int(v) -> bool:
@@ -149,12 +155,13 @@ class WeMaskHandle:
     """The hooks of one applied WeMask: ``remove()`` restores the model exactly."""
 
     def __init__(self, config: WeMaskConfig, layers: list[int], k: int, hooks, counters: dict[int, torch.Tensor],
-                 model=None):
+                 model=None, switch: Optional[dict] = None):
         self.config = config
         self.layers = layers
         self.k = k
         self._hooks = hooks
         self._counters = counters
+        self._switch = switch if switch is not None else {"on": True}
         self._model = weakref.ref(base_model(model)) if model is not None else None
         if self._model is not None:
             _ACTIVE.setdefault(self._model(), []).append(self)
@@ -170,6 +177,17 @@ class WeMaskHandle:
     def reset(self) -> None:
         for c in self._counters.values():
             c.zero_()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The model runs unmasked inside the block (the hooks stay registered and resume on exit): a DPO
+        reference forward through the policy's own modules, say."""
+        previous = self._switch["on"]
+        self._switch["on"] = False
+        try:
+            yield self
+        finally:
+            self._switch["on"] = previous
 
     def remove(self) -> None:
         if self._hooks is not None:
@@ -282,6 +300,7 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
                            f"(its attention reads the raw residual): use score='activation'")
     layers = config.resolve_layers(len(blocks))
     hooks = HookGroup()
+    switch = {"on": True}
     ctx = TokenContext(model, hooks) if config.mode == "correct" or per_sequence else None
     counters: dict[int, torch.Tensor] = {}
     with torch.inference_mode(False):
@@ -297,8 +316,16 @@ def apply_wemask(model, config: Optional[WeMaskConfig] = None, tokenizer=None, *
                 fn = _correct_hook(ctx, k, config.gamma, gain_fn, counters[i])
             else:
                 fn = _paper_hook(k, config.gamma, gain_fn, counters[i], ctx)
-            hooks.pre(adapter.attn_module(block), fn, with_kwargs=True)
-    return WeMaskHandle(config, layers, k, hooks, counters, model)
+            hooks.pre(adapter.attn_module(block), _switchable(fn, switch), with_kwargs=True)
+    return WeMaskHandle(config, layers, k, hooks, counters, model, switch)
+
+
+def _switchable(fn, switch: dict):
+    """``fn`` unless the handle is paused (a Python flag: no tensor work and no host sync when off)."""
+    def hook(module, args, kwargs):
+        return fn(module, args, kwargs) if switch["on"] else None
+
+    return hook
 
 
 class wemask:  # noqa: N801 - used like a function: ``with wemask(model, rate=0.01) as h:``

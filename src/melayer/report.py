@@ -41,7 +41,10 @@ def console_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[An
         table.add_column(c)
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
-    Console(stderr=False).print(table)
+    console = Console(stderr=False)
+    if not console.is_terminal:  # a pipe or a file: no terminal width to respect, so cut nothing
+        console = Console(stderr=False, width=400)
+    console.print(table)
 
 
 def say(message: str) -> None:

@@ -30,20 +30,26 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     path = Path(path)
     if not path.is_file():
         raise MelayerError(f"prompt file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise MelayerError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if not lines:
         raise MelayerError(f"prompt file is empty: {path}")
     if path.suffix != ".jsonl":
-        return [Prompt(line) for line in lines]
+        return [Prompt(line) for _, line in lines]
     prompts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         try:
             row = json.loads(line)
-            prompts.append(Prompt(row.get("text", row.get("prompt")), bool(row.get("chat")), bool(row.get("bos"))))
-        except (json.JSONDecodeError, AttributeError):
+        except json.JSONDecodeError:
             raise MelayerError(f"{path}:{n}: not a JSON object with a 'text' field") from None
-        if not prompts[-1].text:
+        text = row.get("text", row.get("prompt")) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise MelayerError(f"{path}:{n}: 'text' must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise MelayerError(f"{path}:{n}: empty prompt")
+        prompts.append(Prompt(text, bool(row.get("chat")), bool(row.get("bos"))))
     return prompts
 
 

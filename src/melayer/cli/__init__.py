@@ -13,7 +13,7 @@ import warnings
 from .. import __version__
 from ..errors import MelayerError
 
-COMMANDS = ["scan", "generate", "explain", "eval", "train"]
+COMMANDS = ["scan", "generate", "explain", "eval", "train", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:

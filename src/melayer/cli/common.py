@@ -100,6 +100,24 @@ def add_out_arg(parser: argparse.ArgumentParser, default: str, what: str = "repo
     parser.add_argument("--out", default=default, metavar="DIR", help=what)
 
 
+def check_out_dir(path) -> None:
+    """One-line error, before any work, for an output folder that is a file or cannot be written."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise MelayerError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".melayer-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise MelayerError(f"--out {out} cannot be written ({e.strerror}): choose another folder") from None
+
+
 def load_from_args(args):
     """``(model, tokenizer, saved)``: the model loaded bare, and the WeMask saved beside its weights (or None).
 

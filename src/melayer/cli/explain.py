@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from ..explanation import PRESETS, ExplainConfig, run_and_print
-from .common import (add_model_args, add_out_arg, add_parser, describe_saved, load_from_args, parse_floats,
-                     parse_layers)
+from ..text import read_prompts
+from .common import (add_model_args, add_out_arg, add_parser, check_out_dir, describe_saved, load_from_args,
+                     parse_floats, parse_layers)
 
 
 def register(sub) -> None:
@@ -51,9 +52,8 @@ def run(args) -> int:
                            ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window, ffn_cap=args.ffn_cap,
                            seed=args.seed)
     if args.prompts:
-        from ..text import read_prompts
-
         read_prompts(args.prompts)  # validated before the slow load
+    check_out_dir(args.out)
     model, tokenizer, saved = load_from_args(args)
     if saved is not None:
         describe_saved(saved, "not applied: explain studies the bare model and applies WeMask where it measures it")

@@ -6,7 +6,7 @@ from ..errors import MelayerError
 from ..scanning import ScanConfig, print_summary, scan, write_scan_report
 from ..text import read_prompts
 from ..masking import apply_wemask
-from .common import add_model_args, add_out_arg, add_parser, describe_saved, load_from_args
+from .common import add_model_args, add_out_arg, add_parser, check_out_dir, describe_saved, load_from_args
 
 
 def register(sub) -> None:
@@ -31,6 +31,7 @@ def run(args) -> int:
                                  persist_fraction=args.persist_fraction)
     config = ScanConfig(criterion=criterion, batch_size=args.batch_size)
     prompts = read_prompts(args.prompts) if args.prompts else None  # validated before the slow load
+    check_out_dir(args.out)
     model, tokenizer, saved = load_from_args(args)
     if saved is not None:
         if args.with_saved_wemask:

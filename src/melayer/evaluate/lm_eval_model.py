@@ -12,7 +12,6 @@ paper), ``wemask_me_layer``. A model saved with WeMask runs with it unless ``wem
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 import sys
 from typing import Optional
 
@@ -24,14 +23,8 @@ if __name__ == "__main__":  # `python -m`: run the importable copy, whose Melaye
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..load import gguf_to_cache, resolve_spec, saved_wemask
+from ..load import local_location, saved_wemask
 from ..masking import WeMaskConfig, parse_layers, wemask
-
-
-def _local_path(pretrained: str) -> str:
-    """A folder or hub id HFLM can load: GGUF files (and ``default``) become their dequantised cache folder."""
-    kind, location = resolve_spec(pretrained)
-    return str(gguf_to_cache(Path(location))) if kind == "gguf" else location
 
 
 @register_model("melayer")
@@ -40,8 +33,8 @@ class MelayerLM(HFLM):
 
     def __init__(self, pretrained="default", wemask_rate: Optional[float] = None, wemask_layers: str = "after_me",
                  wemask_mode: str = "correct", wemask_me_layer: Optional[int] = None, **kwargs):
-        if isinstance(pretrained, str):
-            pretrained = _local_path(pretrained)
+        if isinstance(pretrained, str):  # a folder or hub id HFLM loads itself (GGUF: its dequantised cache)
+            pretrained = local_location(pretrained)[1]
         super().__init__(pretrained=pretrained, **kwargs)
         self.tokenizer.padding_side = "left"
         if wemask_rate in (None, ""):

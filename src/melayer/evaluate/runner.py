@@ -19,7 +19,7 @@ import torch
 
 from ..errors import MelayerError
 from ..generation import GenerationConfig, generate_from_ids
-from ..io import JsonlLog, atomic_write_json, atomic_write_text
+from ..io import JsonlLog, atomic_write_json
 from ..load import load_model, saved_wemask
 from ..modelutils import device_of
 from ..report import progress, say
@@ -29,6 +29,7 @@ from .. import data
 from .tasks import Task, get_task
 
 SAMPLES_NAME = "samples.jsonl"
+ROW_FIELDS = ("task", "item_id", "cond", "rate", "mode", "output")
 CONFIG_NAME = "eval_config.json"
 # Settings that change what a row contains: an out dir can only be resumed with the same values.
 OUTPUT_FIELDS = ("model", "chat", "max_new_tokens", "sample", "temperature", "top_p", "seed", "limit", "dtype",
@@ -210,22 +211,31 @@ def score_row(task: Task, row: dict) -> dict:
 
 
 def score_existing(out: Path, refusal_classifier: str = "prefix") -> int:
-    """Score every unscored row of ``out/samples.jsonl`` in place (atomic rewrite); returns how many."""
-    import json
-
-    log = JsonlLog(out / SAMPLES_NAME)
-    rows = list(log)
-    if not rows:
+    """Score every unscored row of ``out/samples.jsonl`` in place (atomic, under the log's lock: a command
+    appending to the same log meanwhile loses nothing); returns how many rows were scored."""
+    log = open_log(out)
+    if not log.read():
         raise MelayerError(f"nothing to score: {out / SAMPLES_NAME} is missing or empty")
     tasks: dict[str, Task] = {}
-    todo = [i for i, r in enumerate(rows) if r.get("metrics") is None]
-    if todo:
-        for i in progress(todo, desc="scoring"):
+    scored = 0
+
+    def score(rows: list[dict]) -> list[dict]:
+        nonlocal scored
+        todo = [i for i, r in enumerate(rows) if r.get("metrics") is None]
+        for i in progress(todo, desc="scoring", disable=not todo):
             name = rows[i]["task"]
             task = tasks.setdefault(name, get_task(name, refusal_classifier))
             rows[i] = score_row(task, rows[i])
-        atomic_write_text(log.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return len(todo)
+        scored = len(todo)
+        return rows
+
+    log.update(score)
+    return scored
+
+
+def open_log(out: Path) -> JsonlLog:
+    """The sample log of an eval out dir (every row must name its task, item, condition and output)."""
+    return JsonlLog(out / SAMPLES_NAME, required=ROW_FIELDS)
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -333,7 +343,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
         cfg = dataclasses.replace(saved_config(out), refusal_classifier=cfg.refusal_classifier, score_only=True,
                                   generate_only=False)
         score_existing(out, cfg.refusal_classifier)
-        rows = list(JsonlLog(out / SAMPLES_NAME))
+        rows = list(open_log(out))
         _cover_logged(cfg, rows)
         atomic_write_json(out / CONFIG_NAME, cfg)
         return _summarise(cfg, out, rows)
@@ -345,7 +355,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, progress_bar: bool = T
     check_resumable(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / CONFIG_NAME, cfg)
-    log = JsonlLog(out / SAMPLES_NAME)
+    log = open_log(out)
     done = {row_key(r) for r in log}
     cache: dict = {}
     work = []
@@ -394,7 +404,7 @@ def _cover_logged(cfg: EvalConfig, rows: list[dict]) -> None:
 def _summarise(cfg: EvalConfig, out: Path, rows: Optional[list[dict]] = None) -> dict:
     from .summary import summarise, write_summary
 
-    rows = list(JsonlLog(out / SAMPLES_NAME)) if rows is None else rows
+    rows = list(open_log(out)) if rows is None else rows
     summary = summarise(rows, cfg)
     write_summary(out, summary, cfg)
     return summary

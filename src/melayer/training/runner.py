@@ -20,6 +20,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MelayerError
+from ..io import atomic_write_json
+from ..report import say
 from ..load import load_model
 from ..masking import apply_wemask
 from .config import TrainConfig
@@ -28,6 +30,7 @@ from .. import data
 from .data import correctness_reward, format_reward, grpo_rows, sft_rows
 
 ADAPTER_DIR = "adapter"
+COMPLETE_MARK = "checkpoint_complete.json"  # written last: a checkpoint without it was cut off while saving
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 FINAL_DIR = "final"
 
@@ -69,12 +72,26 @@ def write_run_configs(directory: Path, cfg: TrainConfig) -> None:
     cfg.save(directory)
 
 
+def mark_complete(directory: Path, step: int) -> None:
+    """The last file a checkpoint gets: its presence means everything else in the folder was written."""
+    atomic_write_json(Path(directory) / COMPLETE_MARK, {"global_step": step})
+
+
+def complete_checkpoints(out: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) ``checkpoint-N`` folders of a run, oldest first."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = sorted((p for p in Path(out).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
+                    and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    return [p for p in found if (p / COMPLETE_MARK).is_file()], [p for p in found if not (p / COMPLETE_MARK).is_file()]
+
+
 def _masked_checkpoint_callback(cfg: TrainConfig, tokenizer):
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class MaskedCheckpoints(TrainerCallback):
-        """After each checkpoint save: add the WeMask and run configs; with LoRA, make it loadable."""
+        """After each checkpoint save: with LoRA, make it loadable; then mark it complete."""
 
         def on_save(self, args, state, control, model=None, **kwargs):
             if not state.is_world_process_zero:
@@ -86,10 +103,23 @@ def _masked_checkpoint_callback(cfg: TrainConfig, tokenizer):
                     if (ckpt / name).is_file():
                         os.replace(ckpt / name, ckpt / ADAPTER_DIR / name)
                 save_loadable(model, tokenizer, ckpt, cfg)
-            else:
-                write_run_configs(ckpt, cfg)
+            mark_complete(ckpt, state.global_step)
 
     return MaskedCheckpoints()
+
+
+class _ConfigsFirst:
+    """A checkpoint gets its WeMask and run configs before any weights: no folder holds masked-trained weights
+    without the mask that goes with them, however the save is interrupted."""
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if self.is_world_process_zero():
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            write_run_configs(ckpt, self.melayer_config)
+        super()._save_checkpoint(model, trial)
 
 
 class _AdapterResume:
@@ -106,10 +136,10 @@ class _AdapterResume:
 def _trainer_classes():
     from trl import GRPOTrainer, SFTTrainer
 
-    class MaskedSFTTrainer(_AdapterResume, SFTTrainer):
+    class MaskedSFTTrainer(_AdapterResume, _ConfigsFirst, SFTTrainer):
         pass
 
-    class MaskedGRPOTrainer(_AdapterResume, GRPOTrainer):
+    class MaskedGRPOTrainer(_AdapterResume, _ConfigsFirst, GRPOTrainer):
         pass
 
     return MaskedSFTTrainer, MaskedGRPOTrainer
@@ -140,23 +170,28 @@ def _training_args(cfg: TrainConfig, device: str):
 
 
 def _prepare_out(cfg: TrainConfig) -> Optional[str]:
-    """The checkpoint to resume from (None for a fresh run); refuses to mix two runs in one folder."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint to resume from (None for a fresh run); refuses to mix two runs in one
+    folder, and says which checkpoint it takes and which incomplete ones (a save that was killed) it skips."""
     out = Path(cfg.out)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    complete, incomplete = complete_checkpoints(out) if out.is_dir() else ([], [])
     if not cfg.resume:
-        if last is not None:
+        if complete or incomplete:
             raise MelayerError(f"{out} already holds checkpoints: pass --resume to continue, or another --out")
         return None
-    if last is None:
-        raise MelayerError(f"--resume: no checkpoint-N folder in {out}")
+    if not complete:
+        raise MelayerError(f"--resume: no complete checkpoint-N folder in {out}"
+                           + (f" ({', '.join(p.name for p in incomplete)} were cut off while saving)"
+                              if incomplete else ""))
+    last = complete[-1]
+    skipped = [p.name for p in incomplete if int(p.name.split("-")[-1]) > int(last.name.split("-")[-1])]
+    say(f"resuming from {last.name}" + (f" ({', '.join(skipped)}: incomplete, a save was interrupted; ignored)"
+                                        if skipped else ""))
     saved_path = out / "train_config.json"
     if saved_path.is_file():
         diff = cfg.resume_mismatch(TrainConfig.load(saved_path))
         if diff:
             raise MelayerError(f"--resume: this run differs from the one in {out} in {', '.join(diff)}")
-    return last
+    return str(last)
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = False) -> TrainResult:
@@ -200,19 +235,23 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, keep_trainer: bool = Fal
                            reward_funcs=[correctness_reward, format_reward], callbacks=callbacks)
         if getattr(trainer, "ref_model", None) is not None:  # beta > 0: the KL anchor is masked too
             apply_wemask(trainer.accelerator.unwrap_model(trainer.ref_model), cfg.wemask, tokenizer=tokenizer)
+    trainer.melayer_config = cfg  # what _ConfigsFirst writes into every checkpoint
     if trainer.is_world_process_zero():
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         cfg.save(cfg.out)
     trainer.train(resume_from_checkpoint=resume_from)
 
     final_dir = Path(cfg.out) / FINAL_DIR
+    if trainer.is_world_process_zero():
+        final_dir.mkdir(parents=True, exist_ok=True)
+        write_run_configs(final_dir, cfg)  # before the weights, as in every checkpoint
     if cfg.lora:
         if trainer.is_world_process_zero():
             save_loadable(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final_dir, cfg)
     else:
         trainer.save_model(str(final_dir))
-        if trainer.is_world_process_zero():
-            write_run_configs(final_dir, cfg)
+    if trainer.is_world_process_zero():
+        mark_complete(final_dir, trainer.state.global_step)
     result = TrainResult(out=Path(cfg.out), final_dir=final_dir, config=cfg,
                          log_history=list(trainer.state.log_history), wemask_fired=handle.fired,
                          trainer=trainer if keep_trainer else None, handle=handle)
