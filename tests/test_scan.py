@@ -200,12 +200,19 @@ def test_cli_scan_writes_complete_report(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["me_layer"] == 11
+    em = report["emergence"]
+    assert (em["kind"], em["me_layer"], em["me_layer_1based"], em["first_massive_block"]) == ("single", 11, 12, 11)
+    assert em["shares"]["11"] > 0.9 and em["token"]["carrier"] == "first"
     assert report["criterion"]["ratio"] == 1000.0 and len(report["layers"]) == 30
+    assert "ME layer: block 11 (paper: 12), 0-based; emergence single" in r.stdout
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["model"]["sha256"]["SmolLM2-135M-Instruct.Q4_1.gguf"].startswith("b179c952")
+    assert provenance["run"] == {"device": "cpu", "dtype": "float32"} and provenance["versions"]["torch"]
     assert [p["chat"] for p in report["prompts"]] == [False, True]
     assert any(e["token"] is not None and e["dim"] == 507 for p in report["prompts"] for e in p["events"])
     for name in ("report.md", "token0_3d.png", "max_per_layer.png", "massive_dims_heatmap.png"):
         assert (out / name).stat().st_size > 1000
-    assert "ME layer: block 11" in (out / "report.md").read_text()
+    assert "ME layer: block 11 (paper: 12)" in (out / "report.md").read_text()
 
 
 def _tiny_folder(tmp_path, family="llama", **overrides):

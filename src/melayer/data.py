@@ -44,10 +44,19 @@ def _hub_rows(name: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+_READ: set[Path] = set()  # every local data file this process read: their checksums go into provenance.json
+
+
+def files_read() -> list[Path]:
+    return sorted(_READ)
+
+
 def _local(data_dir: Path, rel: str) -> Path:
     path = data_dir / rel
     if not path.exists():
         raise MelayerError(f"data file missing: {path} (expected the layout of shared/data, see its MANIFEST.md)")
+    if path.is_file():
+        _READ.add(path.resolve())
     return path
 
 
@@ -120,6 +129,7 @@ def _mmlu_local(data_dir: Path, split: str) -> list[dict]:
     folder = _local(data_dir, f"mmlu/{split}")
     out = []
     for path in sorted(folder.glob(f"*_{split}.csv")):
+        _READ.add(path.resolve())
         subject = path.name[: -len(f"_{split}.csv")]
         for i, r in enumerate(_csv(path)):
             out.append({"id": f"{subject}-{i}", "subject": subject, "question": r["question"],

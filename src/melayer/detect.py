@@ -181,6 +181,7 @@ class Emergence:
     per_prompt_me: list[Optional[int]] = field(default_factory=list)
     agreement: float = 0.0  # share of prompts whose own ME layer equals me_layer
     note: str = ""
+    token: dict = field(default_factory=dict)  # the carrier, and which tokens carry it (filled by the scan)
 
 
 def shares_of_peak(trajectory: torch.Tensor) -> tuple[dict[int, float], float, int]:

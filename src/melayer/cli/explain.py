@@ -1,7 +1,10 @@
 """`melayer explain`: check the paper's explanation of massive activations on a model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..explanation import PRESETS, ExplainConfig, run_and_print
+from ..provenance import write_record
 from ..text import read_prompts
 from .common import (add_model_args, add_out_arg, add_parser, check_out_dir, describe_saved, load_from_args,
                      parse_floats, parse_layers)
@@ -58,4 +61,8 @@ def run(args) -> int:
     if saved is not None:
         describe_saved(saved, "not applied: explain studies the bare model and applies WeMask where it measures it")
     run_and_print(model, tokenizer, config, args.out)
+    files = [Path(args.prompts)] if args.prompts else []
+    if args.ppl_data_dir:
+        files.append(Path(args.ppl_data_dir) / "wikitext2" / "wiki.test.raw")
+    write_record(args.out, model, files)
     return 0

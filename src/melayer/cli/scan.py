@@ -1,11 +1,15 @@
 """`melayer scan`: massive activations per block, the ME layer, the paper's 3-D plot."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..data import files_read
 from ..detect import MassiveCriterion
 from ..errors import MelayerError
-from ..scanning import ScanConfig, print_summary, scan, write_scan_report
-from ..text import read_prompts
+from ..scanning import ScanConfig, describe_me_layer, print_summary, scan, write_scan_report
 from ..masking import apply_wemask
+from ..provenance import write_record
+from ..text import read_prompts
 from .common import add_model_args, add_out_arg, add_parser, check_out_dir, describe_saved, load_from_args
 
 
@@ -43,5 +47,7 @@ def run(args) -> int:
     report = scan(model, tokenizer, prompts, config)
     print_summary(report)
     paths = write_scan_report(report, args.out, config)
-    print(f"ME layer: {report.me_layer} (0-based block)  report: {paths['markdown']}")
+    write_record(args.out, model, files_read() + ([Path(args.prompts)] if args.prompts else []))
+    print(f"ME layer: {describe_me_layer(report.me_layer)}, 0-based; emergence {report.emergence.kind}  "
+          f"report: {paths['markdown']}")
     return 0

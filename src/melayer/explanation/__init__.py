@@ -20,6 +20,7 @@ from ..io import atomic_write_json
 from ..masking import LAYER_CHOICES
 from ..modelutils import device_of, hidden_size, num_layers
 from ..prompt_sets import explain_prompts
+from ..provenance import model_source
 from ..report import console_table, markdown_table, progress as progress_bar, write_report
 from ..text import read_prompts
 # the analyses register themselves on import, in the order they run and appear in the report
@@ -88,7 +89,8 @@ class ExplainConfig:
 
 @dataclass
 class ExplainResult:
-    model: str
+    model: str  # what was asked for
+    weights: Optional[str]  # what was loaded, in words
     family: str
     num_layers: int
     hidden_size: int
@@ -136,8 +138,10 @@ def explain(model, tokenizer, config: Optional[ExplainConfig] = None, progress: 
         seconds[analysis.name] = round(time.perf_counter() - start, 2)
     claims = [c for a in ANALYSES.values() for c in a.claims(ctx.results[a.name], ctx)]
     first_ids = inputs.input_ids[range(len(inputs)), inputs.first].tolist()
+    source = model_source(model)
     result = ExplainResult(
-        model=str(getattr(model, "name_or_path", config.model)), family=ad.family, num_layers=num_layers(model),
+        model=source.spec if source else config.model, weights=source.describe() if source else None,
+        family=ad.family, num_layers=num_layers(model),
         hidden_size=hidden_size(model), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         me_layer=ctx.me_layer, me_layer_1based=ctx.me_layer + 1,
         me_layer_source=ctx.results["emergence"].me_layer_source, dims=ctx.dims,
@@ -151,8 +155,8 @@ def markdown(r: ExplainResult, ctx: Context) -> str:
     em = r.results["emergence"].emergence
     counts = {v: sum(c.verdict == v for c in r.claims) for v in ("holds", "does_not_hold", "inconclusive")}
     lines = [f"# melayer explain: {Path(r.model).name}", "",
-             f"Family `{r.family}`, {r.num_layers} blocks, hidden size {r.hidden_size}, weights in {r.dtype}, "
-             f"statistics in fp32. ME layer: **block {r.me_layer}** (0-based; the paper's numbering: "
+             f"Weights: {r.weights or 'a model built in Python'}. Family `{r.family}`, {r.num_layers} blocks, hidden "
+             f"size {r.hidden_size}, run in {r.dtype}, statistics in fp32. ME layer: **block {r.me_layer}** (0-based; the paper's numbering: "
              f"{r.me_layer_1based}; {r.me_layer_source}); emergence **{em.kind}**. Massive dims of token 0: "
              f"{r.dims}. {len(r.prompts)} prompts ({len({p['first_token_id'] for p in r.prompts})} distinct first "
              f"tokens). WeMask claims are decided at {r.config.claim_layers}, rate {r.config.claim_rate:g}; every "
