@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from helpers import byte_tokenizer, make_tiny
-from melayer.evaluate.runner import continuation_logliks
 
 QUESTIONS = [
     {"question": "2 + 2 =", "choices": ["4", "5", "22"], "answer": 0},
@@ -47,23 +46,37 @@ def setup(tmp_path_factory):
 
 
 def _ours(model, tok, rate: float) -> list[list[float]]:
+    """Summed log-probability of each choice after its question, one full forward per (question, choice)."""
+    import torch
+
     from melayer.masking import wemask
 
-    ctx = [tok(f"{q['question']}\nAnswer:")["input_ids"] for q in QUESTIONS]
-    conts = [[tok(" " + c)["input_ids"] for c in q["choices"]] for q in QUESTIONS]
+    def logliks():
+        out = []
+        for q in QUESTIONS:
+            ctx = tok(f"{q['question']}\nAnswer:")["input_ids"]
+            row = []
+            for c in q["choices"]:
+                cont = tok(" " + c)["input_ids"]
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+                row.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+            out.append(row)
+        return out
+
     if rate == 0:
-        return continuation_logliks(model, ctx, conts, pad=0)
+        return logliks()
     with wemask(model, rate=rate, me_layer=1):
-        return continuation_logliks(model, ctx, conts, pad=0)
+        return logliks()
 
 
 def _harness(root, rate: float) -> list[list[float]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import melayer.evaluate.lm_eval_model  # noqa: F401  (registers "melayer")
+    import melayer.evaluate.harness  # noqa: F401  (registers "melayer")
 
-    res = lm_eval.simple_evaluate(model="melayer", model_args={"pretrained": str(root / "model"), "device": "cpu",
+    res = lm_eval.simple_evaluate(model="melayer", model_args={"pretrained": str(root / "model"),
                                                                "wemask_rate": rate, "wemask_me_layer": 1},
                                   tasks=["melayer_tiny_mc"], task_manager=TaskManager(include_path=str(root / "tasks")),
                                   log_samples=True, batch_size=2)
@@ -81,7 +94,7 @@ def test_melayer_model_matches_our_logliks_without_wemask(setup, monkeypatch):
 
 
 # The bare `lm_eval` script finds "melayer" only through the installed melayer-lm-eval.pth (see setup.py).
-LAUNCHERS = {"wrapper": [sys.executable, "-m", "melayer.evaluate.lm_eval_model"],
+LAUNCHERS = {"wrapper": [sys.executable, "-m", "melayer.evaluate.harness"],
              "bare_lm_eval": [str(Path(sysconfig.get_path("scripts"), "lm_eval"))]}
 
 
@@ -89,8 +102,8 @@ LAUNCHERS = {"wrapper": [sys.executable, "-m", "melayer.evaluate.lm_eval_model"]
 def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path, launcher):
     root, model, tok = setup
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [*LAUNCHERS[launcher], "--model", "melayer", "--model_args",
-           f"pretrained={root / 'model'},wemask_rate=0.1,wemask_me_layer=1", "--device", "cpu",
+    cmd = [*LAUNCHERS[launcher], "--model", "melayer", "--model_args",  # no --device: lm-eval's "cuda:0" falls back
+           f"pretrained={root / 'model'},wemask_rate=0.1,wemask_me_layer=1",
            "--tasks", "melayer_tiny_mc", "--include_path", str(root / "tasks"), "--output_path", str(tmp_path),
            "--log_samples"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -1,8 +1,9 @@
-"""The eval runner on tiny random models: batched log-likelihoods and generation against unbatched ground truth,
-a full sweep with its report, resume after a torn line and after SIGKILL, generate-only then score-only."""
+"""The eval runner on lm-eval: conditions paired by document, reports recomputed from lm-eval's own samples, resume
+after SIGKILL without recomputing or losing an answer, rescoring without the model, and checks before any work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,213 +12,198 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import byte_tokenizer, make_tiny
-from melayer.errors import MelayerError
-from melayer import stats
-from melayer.evaluate.runner import (SAMPLES_NAME, EvalConfig, continuation_logliks,
-                                     run_eval)
-from melayer.generation import GenerationConfig, generate_from_ids, generate_texts
-from melayer.text import encode_prompt
+pytest.importorskip("lm_eval")
+
+from helpers import byte_tokenizer, save_tiny  # noqa: E402
+from melayer import stats  # noqa: E402
+from melayer.errors import MelayerError  # noqa: E402
+from melayer.evaluate import EvalConfig, run_eval  # noqa: E402
+from melayer.evaluate.summary import load_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["melayer_gsm8k", "melayer_mmlu", "melayer_xstest", "melayer_wikitext2"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return make_tiny("llama"), byte_tokenizer()
+def tiny(tmp_path_factory):
+    """A tiny random llama saved with a byte-level tokenizer (any text encodes; it has a chat template)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    save_tiny(folder, tokenizer=byte_tokenizer())
+    return folder
 
 
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / SAMPLES_NAME).read_text().splitlines() if line.strip()]
-
-
-def test_batched_logliks_equal_unbatched_sums(tiny):
-    model, tok = tiny
-    contexts = [tok("Question: 2+2?\nAnswer:")["input_ids"], tok("Hi")["input_ids"]]
-    conts = [[tok(c)["input_ids"] for c in (" A", " B")],  # one token each: one sequence per item
-             [tok(c)["input_ids"] for c in (" four", " 4", " a longer answer")]]
-    got = continuation_logliks(model, contexts, conts, pad=0)
-    for ctx, cs, vals in zip(contexts, conts, got):
-        for c, v in zip(cs, vals):
-            ids = torch.tensor([ctx + c])
-            with torch.no_grad():
-                logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-            ref = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(c))
-            assert v == pytest.approx(ref, abs=1e-4)
-
-
-def test_batched_generation_equals_one_at_a_time(tiny):
-    model, tok = tiny
-    prompts = ("Hello there", "A much longer prompt about ducks and eggs", "x")
-    gen = GenerationConfig(max_new_tokens=6)
-    batched = generate_texts(model, tok, prompts, gen, chat=True)
-    assert batched == [generate_texts(model, tok, [p], gen, chat=True)[0] for p in prompts]
-    assert batched == generate_from_ids(model, tok, [encode_prompt(tok, p, chat=True) for p in prompts], gen)
-
-
-def _cfg(out, data_dir, **kw) -> EvalConfig:
-    base = dict(model="tiny", tasks=["gsm8k", "mmlu", "xstest", "wikitext2"], wemask_rates=[0.0, 0.1],
-                wemask_modes=["correct", "paper"], me_layer=1, limit=5, seed=1, data_dir=str(data_dir), out=str(out),
-                batch_size=3, max_new_tokens=6, ppl_seq_len=32)
+def _cfg(tiny, out, data_dir, **kw) -> EvalConfig:
+    base = dict(model=str(tiny), tasks=TASKS, wemask_rates=[0.0, 0.1], wemask_modes=["correct", "paper"],
+                me_layer=1, limit=3, seed=1, data_dir=str(data_dir), out=str(out), batch_size=2, max_new_tokens=6)
     base.update(kw)
     return EvalConfig(**base)
 
 
-def test_sweep_writes_rows_and_report_then_resumes_a_torn_log(tiny, data_dir, tmp_path):
-    model, tok = tiny
-    cfg = _cfg(tmp_path / "a", data_dir)
-    summary = run_eval(cfg, model, tok, progress_bar=False)
-    rows = _rows(tmp_path / "a")
-    keys = [(r["task"], r["item_id"], r["cond"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 4 * 5 * 3  # tasks x items x conditions (0, 0.1/correct, 0.1/paper)
-    for task in ("gsm8k", "mmlu", "xstest", "wikitext2"):  # every condition saw the very same items
-        ids = [{r["item_id"] for r in rows if r["task"] == task and r["cond"] == c} for c in ("0", "0.1/correct",
-                                                                                             "0.1/paper")]
-        assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 5
-    assert all(r["metrics"] is not None and r["gold"] is not None for r in rows if r["task"] in ("gsm8k", "mmlu"))
-    # the mask was applied: some log-likelihood moved at rate 0.1
-    ll = {(r["item_id"], r["cond"]): r["output"] for r in rows if r["task"] == "mmlu"}
-    assert any(ll[(i, "0.1/correct")] != ll[(i, "0")] for i, _ in ll)
-    # summary: the accuracy of rate 0 is recomputable from the rows; paired tests against rate 0
+def _responses(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, run_eval(_cfg(tiny, out, data_dir))
+
+
+def test_every_condition_sees_the_same_documents_and_the_mask_acts(sweep):
+    out, summary = sweep
+    conds, samples, _ = load_folder(out)
+    assert set(conds) == {"0", "0.1/correct/after_me", "0.1/paper/after_me"}
+    leaves = {"melayer_gsm8k", "melayer_mmlu", "melayer_xstest_safe", "melayer_xstest_unsafe", "melayer_wikitext2"}
+    assert {t for _, t in samples} == leaves
+    for task in leaves:
+        docs = [sorted((s["doc_id"], s["doc_hash"], s["prompt_hash"]) for s in samples[c, task]) for c in conds]
+        assert docs[0] == docs[1] == docs[2] and len(docs[0]) == 3  # limit 3, the same seeded subset
+    # the mask reached the forward passes: MMLU log-likelihoods of the same requests moved
+    rows = [r for r in _responses(out) if r["kind"] == "loglikelihood"]
+    base = {r["key"]: r["response"][0] for r in rows if r["cond"] == "0"}
+    masked = {r["key"]: r["response"][0] for r in rows if r["cond"] == "0.1/correct/after_me"}
+    assert base.keys() == masked.keys() and any(abs(base[k] - masked[k]) > 1e-4 for k in base)
+    keys = [(r["cond"], r["key"]) for r in _responses(out)]
+    assert len(keys) == len(set(keys))  # every request answered once per condition
+
+
+def test_report_is_recomputed_from_lm_eval_samples(sweep):
+    out, summary = sweep
+    _, samples, _ = load_folder(out)
     res = {(r["task"], r["metric"], r["cond"]): r for r in summary["results"]}
-    acc0 = [r["score"] for r in rows if r["task"] == "mmlu" and r["cond"] == "0"]
-    assert res[("mmlu", "acc", "0")]["value"] == pytest.approx(sum(acc0) / 5)
-    assert res[("mmlu", "acc", "0.1/paper")]["mcnemar_p"] is not None
-    # Holm over every comparison of the table: its raw p (McNemar, else bootstrap) adjusted, never below it
+    acc0 = [s["acc"] for s in samples["0", "melayer_mmlu"]]
+    assert res["melayer_mmlu", "acc", "0"]["value"] == pytest.approx(sum(acc0) / 3)
+    pages = samples["0", "melayer_wikitext2"]
+    ppl = math.exp(-sum(s["word_perplexity"][0] for s in pages) / sum(s["word_perplexity"][1] for s in pages))
+    w = res["melayer_wikitext2", "word_perplexity", "0"]
+    assert w["value"] == pytest.approx(ppl) and not w["higher_is_better"] and w["ci"][0] <= ppl <= w["ci"][1]
+    assert res["melayer_xstest_safe", "refusal", "0"]["higher_is_better"] is False
+    assert res["melayer_mmlu", "acc", "0.1/paper/after_me"]["mcnemar_p"] is not None
     compared = [r for r in summary["results"] if "diff" in r]
     raw = [r["mcnemar_p"] if r["mcnemar_p"] is not None else max(r["bootstrap_p"], 1 / stats.N_BOOT)
            for r in compared]
     assert [r["holm_p"] for r in compared] == pytest.approx(stats.holm(raw))
-    assert all(r["holm_p"] >= p for r, p in zip(compared, raw)) and "holm_p" not in res[("mmlu", "acc", "0")]
-    ppl = res[("wikitext2", "perplexity", "0")]
-    assert ppl["ci"][0] <= ppl["value"] <= ppl["ci"][1] and ppl["value"] > 1
-    xs = {k[1] for k in res if k[0] == "xstest"}
-    assert xs <= {"refusal_safe", "refusal_unsafe"} and xs
-    for name in ("report.json", "report.md", "summary.csv", "score_vs_rate.png", "eval_config.json"):
-        assert (tmp_path / "a" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "a" / "eval_config.json").read_text())["wemask_rates"] == [0.0, 0.1]
-
-    # a run that died mid-batch: the first 17 rows survive plus half a line
-    out_b = tmp_path / "b"
-    out_b.mkdir()
-    (out_b / "eval_config.json").write_text((tmp_path / "a" / "eval_config.json").read_text())
-    lines = (tmp_path / "a" / SAMPLES_NAME).read_text().splitlines(keepends=True)
-    (out_b / SAMPLES_NAME).write_text("".join(lines[:17]) + lines[17][: len(lines[17]) // 2])
-    run_eval(_cfg(out_b, data_dir), model, tok, progress_bar=False)
-    resumed = _rows(out_b)
-    by_key = {(r["task"], r["item_id"], r["cond"]): r["output"] for r in resumed}
-    assert len(resumed) == len(by_key) == len(rows)
-    assert by_key == {(r["task"], r["item_id"], r["cond"]): r["output"] for r in rows}
+    assert all(r["holm_p"] >= p for r, p in zip(compared, raw))
 
 
-def test_resume_refuses_other_settings(tiny, data_dir, tmp_path):
-    model, tok = tiny
-    run_eval(_cfg(tmp_path, data_dir, tasks=["xstest"], wemask_rates=[0.0], limit=2), model, tok, progress_bar=False)
-    with pytest.raises(MelayerError, match="other settings"):
-        run_eval(_cfg(tmp_path, data_dir, tasks=["xstest"], wemask_rates=[0.0], limit=2, max_new_tokens=7), model, tok,
-                 progress_bar=False)
+def test_outputs_are_lm_eval_readable(sweep):
+    from lm_eval.utils import make_table
+
+    out, _ = sweep
+    table = make_table(json.loads((out / "results.json").read_text()))
+    assert "melayer_mmlu @ 0.1/correct/after_me" in table
+    for folder in (out / "lm_eval").iterdir():
+        result = json.loads(next(folder.rglob("results_*.json")).read_text())
+        assert make_table(result) and result["melayer"]["condition"] == json.loads(
+            (folder / "condition.json").read_text())["condition"]
+        sample = json.loads(next(folder.rglob("samples_melayer_mmlu_*.jsonl")).read_text().splitlines()[0])
+        assert {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "doc_hash", "prompt_hash",
+                "target_hash"} <= set(sample)
+    for name in ("report.json", "report.md", "summary.csv", "score_vs_rate.png", "eval_config.json",
+                 "provenance.json"):
+        assert (out / name).stat().st_size > 0
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["versions"]["lm_eval"] and any("gsm8k/test.jsonl" in f for f in record["data"])
+
+
+def test_score_only_rescores_without_the_model(sweep, monkeypatch):
+    import transformers
+
+    out, summary = sweep
+
+    def no_model(*a, **k):
+        raise AssertionError("--score-only must not load a model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    again = run_eval(EvalConfig(out=str(out), score_only=True))
+    assert [(r["task"], r["metric"], r["cond"], r["value"]) for r in again["results"]] == \
+        [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary["results"]]
+
+
+def test_checks_come_before_any_work(tiny, data_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(MelayerError, match="outside the model's 4 blocks"):  # a 30-block model's ME layer
+        run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_xstest"], wemask_rates=[0.0, 0.1], me_layer=30))
+    assert not (out / "responses.jsonl").exists() and not (out / "eval_config.json").exists()
+    with pytest.raises(MelayerError, match="unknown lm-eval task"):
+        run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_gsm9k"]))
+    with pytest.raises(MelayerError, match="data file missing"):
+        run_eval(_cfg(tiny, out, tmp_path, tasks=["melayer_gsm8k"]))
+    # the right layer in the same folder: nothing was written, so nothing refuses it
+    summary = run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_xstest"], wemask_rates=[0.0, 0.1], limit=2,
+                            wemask_modes=["correct"]))
+    assert {r["cond"] for r in summary["results"]} == {"0", "0.1/correct/after_me"}
+    with pytest.raises(MelayerError, match="other settings .*dtype"):
+        run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_xstest"], limit=2, dtype="bf16"))
+
+
+def test_one_task_per_command_into_one_out_dir(tiny, data_dir, tmp_path):
+    out = tmp_path / "multi"
+    run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_mmlu"], wemask_modes=["correct"], limit=2))
+    summary = run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_advbench"], wemask_rates=[0.0], limit=2))
+    got = {(r["task"], r["cond"]) for r in summary["results"]}
+    assert got == {("melayer_mmlu", "0"), ("melayer_mmlu", "0.1/correct/after_me"), ("melayer_advbench", "0")}
+
+
+def test_paper_protocol_runs_the_official_prompts_without_chat(tiny, data_dir, tmp_path):
+    out = tmp_path / "paper"
+    summary = run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_gsm8k"], protocol="paper", wemask_modes=None,
+                            limit=1))
+    conds, samples, _ = load_folder(out)
+    assert set(conds) == {"0", "0.1/paper/after_me"} and {t for _, t in samples} == {"melayer_gsm8k_paper"}
+    prompt = samples["0", "melayer_gsm8k_paper"][0]["arguments"]["gen_args_0"]["arg_0"]
+    assert prompt.endswith("Let's think step by step and output the final answer after \"####\".")
+    assert "assistant:" not in prompt  # no chat template
+    assert json.loads((out / "eval_config.json").read_text())["protocol"] == "paper"
+    assert "Protocol **paper**" in (out / "report.md").read_text() and summary["deviations"] == []
 
 
 CHILD = """
 import json, sys
-sys.path.insert(0, {tests!r})
-from helpers import byte_tokenizer, make_tiny
-from melayer.evaluate.runner import EvalConfig, run_eval
-cfg = EvalConfig(**json.loads(sys.argv[1]))
-run_eval(cfg, make_tiny("llama"), byte_tokenizer(), progress_bar=False)
-heavy = ["math_verify", "lm_eval", "datasets", "pandas", "nltk", "langdetect"]  # scipy: transformers' own
-print(json.dumps(sorted(m for m in heavy if m in sys.modules)))
+from melayer.evaluate import EvalConfig, run_eval
+run_eval(EvalConfig(**json.loads(sys.argv[1])))
 """
 
 
-def _child(cfg: EvalConfig) -> subprocess.Popen:
+def test_sigkill_mid_run_then_resume_recomputes_and_loses_nothing(tiny, data_dir, tmp_path):
     import dataclasses
 
+    cfg = _cfg(tiny, tmp_path / "killed", data_dir, tasks=["melayer_gsm8k"], wemask_rates=[0.0], limit=8,
+               batch_size=1, max_new_tokens=24)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(ROOT / "tests")),
-                             json.dumps(dataclasses.asdict(cfg))], stdout=subprocess.PIPE, text=True, env=env)
-
-
-def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(tiny, data_dir, tmp_path):
-    model, tok = tiny
-    cfg = _cfg(tmp_path / "killed", data_dir, tasks=["gsm8k"], wemask_rates=[0.0], limit=10, batch_size=1,
-               max_new_tokens=24)
-    proc = _child(cfg)
-    log = tmp_path / "killed" / SAMPLES_NAME
-    deadline = time.time() + 120
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(cfg))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "responses.jsonl"
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if log.exists() and log.read_text().count("\n") >= 3:
+        if log.exists() and log.read_text().count("\n") >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the child finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 3 <= log.read_text().count("\n") < 10
-    run_eval(cfg, model, tok, progress_bar=False)  # resume in this process
-    clean = _cfg(tmp_path / "clean", data_dir, tasks=["gsm8k"], wemask_rates=[0.0], limit=10, batch_size=1,
-                 max_new_tokens=24)
-    run_eval(clean, model, tok, progress_bar=False)
-    got = _rows(tmp_path / "killed")
-    assert len(got) == 10 and len({r["item_id"] for r in got}) == 10
-    assert {r["item_id"]: r["output"] for r in got} == {r["item_id"]: r["output"] for r in _rows(tmp_path / "clean")}
-
-
-def test_generate_only_needs_no_scoring_libraries_then_score_only(tiny, data_dir, tmp_path):
-    model, tok = tiny
-    cfg = _cfg(tmp_path / "g", data_dir, tasks=["gsm8k", "xstest", "mmlu"], wemask_rates=[0.0], limit=3,
-               generate_only=True)
-    proc = _child(cfg)
-    stdout, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0
-    assert json.loads(stdout.strip().splitlines()[-1]) == []  # none of the heavy libraries was imported
-    rows = _rows(tmp_path / "g")
-    assert all(r["metrics"] is None for r in rows if r["task"] != "mmlu") and not (tmp_path / "g" / "report.json").exists()
-    summary = run_eval(EvalConfig(out=str(tmp_path / "g"), score_only=True))
-    scored = _rows(tmp_path / "g")
-    assert len(scored) == len(rows) == 9 and all(r["metrics"] is not None for r in scored)
-    assert [r["output"] for r in scored] == [r["output"] for r in rows]
-    assert summary["config"].tasks == ["gsm8k", "xstest", "mmlu"] and summary["unscored_rows"] == 0
-    # same scores as scoring during generation
-    direct = run_eval(_cfg(tmp_path / "d", data_dir, tasks=["gsm8k", "xstest", "mmlu"], wemask_rates=[0.0], limit=3),
-                      model, tok, progress_bar=False)
-    assert [(r["metric"], r["value"]) for r in direct["results"]] == [(r["metric"], r["value"])
-                                                                     for r in summary["results"]]
-
-
-def test_score_only_covers_every_command_that_wrote_to_the_out_dir(tiny, data_dir, tmp_path):
-    """One task per command into one out dir (the saved config is the last command's): the report still
-    covers every task and WeMask condition in the log, each paired against rate 0."""
-    model, tok = tiny
-    out = tmp_path / "multi"
-    run_eval(_cfg(out, data_dir, tasks=["mmlu"], wemask_rates=[0.0, 0.1], wemask_modes=["correct"], limit=4,
-                  generate_only=True),
-             model, tok, progress_bar=False)
-    run_eval(_cfg(out, data_dir, tasks=["xstest"], wemask_rates=[0.0], limit=4, generate_only=True),
-             model, tok, progress_bar=False)
-    assert json.loads((out / "eval_config.json").read_text())["tasks"] == ["xstest"]
-    summary = run_eval(EvalConfig(out=str(out), score_only=True))
-    assert summary["config"].tasks == ["xstest", "mmlu"]
-    got = {(r["task"], r["cond"]) for r in summary["results"]}
-    assert got == {("xstest", "0"), ("mmlu", "0"), ("mmlu", "0.1/correct")}
-    paired = [r for r in summary["results"] if r["cond"] == "0.1/correct"]
-    assert paired and all(r["n_paired"] == 4 for r in paired)
+    before = _responses(tmp_path / "killed")
+    assert 2 <= len(before) < 8
+    run_eval(cfg)  # resume in this process
+    after = _responses(tmp_path / "killed")
+    assert after[:len(before)] == before and len(after) == 8  # kept, nothing asked twice
+    clean = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "clean")))
+    assert {r["key"]: r["response"] for r in after} == {r["key"]: r["response"]
+                                                         for r in _responses(tmp_path / "clean")}
+    assert clean["results"]
 
 
 @pytest.mark.real
-def test_smollm2_sweep_end_to_end(smollm2, data_dir, tmp_path):
-    """The real model through the runner: WeMask at the ME layer's successor (block 12) moves MMLU
-    log-likelihoods at rate 0.01 (k = 5 of 576 dims), and every condition is summarised against rate 0."""
-    model, tok = smollm2
-    cfg = EvalConfig(model="default", tasks=["mmlu", "xstest"], wemask_rates=[0.0, 0.01], me_layer=11, limit=4,
-                     seed=0, data_dir=str(data_dir), out=str(tmp_path), batch_size=4, max_new_tokens=12)
-    summary = run_eval(cfg, model, tok, progress_bar=False)
-    rows = _rows(tmp_path)
-    assert len(rows) == (4 + 4) * 2
-    ll = {(r["item_id"], r["cond"]): r["output"] for r in rows if r["task"] == "mmlu"}
-    moved = [max(abs(a - b) for a, b in zip(ll[(i, "0.01/correct")], ll[(i, "0")])) for i, c in ll if c == "0"]
-    assert min(moved) > 1e-3  # masking 5 dims of the sink token's attention input is visible in every item
-    assert all(isinstance(r["output"], str) and r["output"] for r in rows if r["task"] == "xstest")
+def test_smollm2_sweep_end_to_end(data_dir, tmp_path):
+    """The real model: WeMask on block 12 (after the ME layer) moves MMLU log-likelihoods at rate 0.01
+    (k = 5 of 576 dims), and every condition is summarised against rate 0."""
+    summary = run_eval(EvalConfig(model="default", tasks=["melayer_mmlu", "melayer_xstest"], wemask_rates=[0.0, 0.01],
+                                  me_layer=11, limit=4, data_dir=str(data_dir), out=str(tmp_path), batch_size=4,
+                                  max_new_tokens=12))
+    rows = [r for r in _responses(tmp_path) if r["kind"] == "loglikelihood"]
+    base = {r["key"]: r["response"][0] for r in rows if r["cond"] == "0"}
+    masked = {r["key"]: r["response"][0] for r in rows if r["cond"] != "0"}
+    assert min(abs(base[k] - masked[k]) for k in base) > 1e-4
     res = {(r["task"], r["metric"], r["cond"]) for r in summary["results"]}
-    assert ("mmlu", "acc", "0") in res and ("mmlu", "acc", "0.01/correct") in res
+    assert ("melayer_mmlu", "acc", "0") in res and ("melayer_mmlu", "acc", "0.01/correct/after_me") in res

@@ -10,7 +10,6 @@ from melayer.errors import MelayerError
 from melayer import data
 from melayer import stats
 from melayer.evaluate import scorers
-from melayer.evaluate.tasks import TASKS, get_task
 
 # -- GSM8K ------------------------------------------------------------------------------------------------
 
@@ -76,30 +75,91 @@ def test_math_verify_scoring(output, gold, ok):
 # -- MMLU ----------------------------------------------------------------------------------------------------
 
 
-def test_mmlu_argmax_and_prompt_formats():
+@pytest.fixture(scope="module")
+def tasks(data_dir):
+    """melayer's lm-eval tasks, read with the local data (an index of every lm-eval task: built once)."""
+    from lm_eval.tasks import TaskManager
+
+    from melayer.evaluate import TASKS_DIR
+
+    tm = TaskManager(include_path=str(TASKS_DIR), metadata={"data_dir": str(data_dir)})
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = tm.load([name])["tasks"][name]
+        return cache[name]
+
+    return get
+
+
+MMLU_ITEM = {"id": "x-0", "subject": "high_school_physics", "question": "Q?", "choices": ["a", "b", "c", "d"],
+             "answer": 2, "shots": []}
+
+
+def test_mmlu_argmax_and_prompt_formats(tasks):
     assert scorers.argmax_choice([-3.0, -1.0, -1.0, -2.0]) == 1  # first on ties
-    task = get_task("mmlu")
-    s = task.score(1, "p", [-3.0, -0.5, -2.0, -4.0])
-    assert s.extracted == "B" and s.metrics == {"acc": (1.0, 1.0)}
-    assert task.score(0, "p", [-3.0, -0.5, -2.0, -4.0]).metrics["acc"] == (0.0, 1.0)
-    item = {"id": "x-0", "subject": "high_school_physics", "question": "Q?", "choices": ["a", "b", "c", "d"],
-            "answer": 2}
-    assert task.prompt(item) == ("The following are multiple choice questions (with answers) about high school "
-                                 "physics.\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
-    assert task.continuations(item, chat=False) == [" A", " B", " C", " D"]
-    assert task.continuations(item, chat=True) == ["A", "B", "C", "D"]
-    assert get_task("mmlu_text").continuations(item, chat=True) == [" a", " b", " c", " d"]
+    mmlu = tasks("melayer_mmlu")
+    assert mmlu.doc_to_text(MMLU_ITEM) == ("The following are multiple choice questions (with answers) about high "
+                                           "school physics.\n\nQ?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    assert mmlu.doc_to_choice(MMLU_ITEM) == ["A", "B", "C", "D"] and mmlu.config.target_delimiter == " "
+    text = tasks("melayer_mmlu_text")
+    assert text.doc_to_choice(MMLU_ITEM) == [" a", " b", " c", " d"] and text.config.target_delimiter == ""
+    paper = tasks("melayer_mmlu_paper")  # the official MMLU evaluation's messages
+    assert paper.doc_to_text(MMLU_ITEM) == ("The following are multiple choice questions (with answers) about "
+                                            "high_school_physics.\n\nQuestion: Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    assert paper.config.description.startswith("You are a helpful assistant for multiple choice QA.")
+    assert len(mmlu.eval_docs) == 14042
 
 
-def test_mmlu_five_shot_uses_the_subjects_dev_examples(data_dir):
-    task = get_task("mmlu_5shot")
-    items = task.items(data_dir)
-    anatomy = next(it for it in items if it["subject"] == "anatomy")
-    prompt = task.prompt(anatomy)
+def test_mmlu_five_shot_uses_the_subjects_dev_examples(tasks, data_dir):
+    task = tasks("melayer_mmlu_5shot")
+    anatomy = next(d for d in task.eval_docs if d["subject"] == "anatomy")
+    prompt = task.doc_to_text(anatomy)
     assert prompt.count("Answer:") == 6 and prompt.endswith("Answer:")
     dev = [d for d in data.load("mmlu_dev", data_dir) if d["subject"] == "anatomy"]
     assert len(dev) == 5 and all(d["question"].strip() in prompt for d in dev)
     assert f"Answer: {scorers.LETTERS[dev[0]['answer']]}\n\n" in prompt
+
+
+def test_paper_prompts_are_the_official_ones(tasks):
+    """The paper protocol's prompt variants reproduce the official evaluation's wording exactly."""
+    gsm = tasks("melayer_gsm8k_paper")
+    q = gsm.eval_docs[0]["question"]
+    assert gsm.doc_to_text(gsm.eval_docs[0]) == q + " Let's think step by step and output the final answer after " \
+                                                    "\"####\"."
+    assert gsm.config.generation_kwargs["max_gen_toks"] == 128
+    math = tasks("melayer_math500_paper")
+    p = math.eval_docs[0]["problem"]
+    assert math.doc_to_text(math.eval_docs[0]) == ("Please reason step by step and put your final answer within "
+                                                   "\\boxed{}.\nQuestion: " + p)
+    aime = tasks("melayer_aime_paper")
+    assert len(aime.eval_docs) == 90 and aime.config.generation_kwargs["max_gen_toks"] == 512
+    assert aime.doc_to_text(aime.eval_docs[0]) == ("Please reason step by step and put your final answer within "
+                                                   "\\boxed{}." + aime.eval_docs[0]["problem"])
+    clean = tasks("melayer_gsm8k")
+    assert clean.doc_to_text(clean.eval_docs[0]).endswith("Please reason step by step, and put your final answer "
+                                                          "within \\boxed{}.")
+    assert clean.config.process_results(clean.eval_docs[0], ["so \\boxed{18}"]) == {"exact_match": 1.0}
+    assert gsm.config.process_results(gsm.eval_docs[0], ["16 - 3 - 4 = 9, 9 * 2 = 18\n#### 18"]) == \
+        {"exact_match": 1.0}
+
+
+def test_protocol_presets_and_deviations():
+    from melayer.evaluate.protocols import deviations, task_setting
+
+    clean = task_setting("melayer_gsm8k", "clean")
+    assert (clean.task, clean.chat, clean.layers) == ("melayer_gsm8k", True, "after_me")
+    paper = task_setting("melayer_gsm8k", "paper")
+    assert (paper.task, paper.chat, paper.layers) == ("melayer_gsm8k_paper", False, "after_me")
+    mmlu = task_setting("melayer_mmlu", "paper")
+    assert (mmlu.task, mmlu.chat, mmlu.layers) == ("melayer_mmlu_paper", True, "from_after_me")
+    other = task_setting("melayer_xstest", "paper")  # never evaluated by the official code: clean settings
+    assert (other.task, other.chat, other.layers) == ("melayer_xstest", True, "after_me")
+    assert task_setting("melayer_gsm8k", "paper", chat=True, layers="from_after_me").chat is True
+    assert deviations("paper", ["melayer_gsm8k"], None, None, None, None) == []
+    got = deviations("paper", ["melayer_gsm8k"], True, ["from_after_me"], ["correct"], "bf16")
+    assert len(got) == 4 and "chat template on (preset: off)" in got[0] and "dtype bf16" in got[3]
 
 
 # -- refusal ---------------------------------------------------------------------------------------------------
@@ -119,17 +179,19 @@ def test_refusal_classifiers(text, prefix, substring):
     assert scorers.refusal_substring(text) is substring
 
 
-def test_refusal_classifier_is_swappable():
+def test_refusal_classifier_is_swappable(tasks):
+    from melayer.evaluate.tasks import utils
+
+    doc = {"prompt": "p", "classifier": "always"}
     scorers.register_refusal_classifier("always", lambda text: True)
     try:
-        task = get_task("advbench", refusal_classifier="always")
-        assert task.score(None, "p", "Sure, here it is").metrics == {"refusal": (1.0, 1.0)}
-        xs = get_task("xstest", refusal_classifier="always")
-        assert xs.score("safe", "p", "ok").metrics == {"refusal_safe": (1.0, 1.0)}
+        assert utils.refusal_process_results(doc, ["Sure, here it is"]) == {"refusal": 1.0, "refusal_substring": 0.0}
     finally:
         del scorers.REFUSAL_CLASSIFIERS["always"]
+    assert utils.refusal_process_results({"prompt": "p"}, ["Sorry, no."]) == {"refusal": 1.0,
+                                                                              "refusal_substring": 1.0}
     with pytest.raises(MelayerError, match="unknown refusal classifier"):
-        get_task("harmbench", refusal_classifier="nope")
+        utils.load_harmbench("unused", refusal_classifier="nope")
 
 
 # -- IFEval ------------------------------------------------------------------------------------------------------
@@ -155,10 +217,13 @@ def test_ifeval_strict_and_loose():
     # two instructions, one followed: prompt-level fails, instruction-level is [True, False]
     r = _ifeval(["punctuation:no_comma", "detectable_format:title"], [{}, {}], "No commas here")
     assert r["inst_strict"] == [True, False] and r["prompt_strict"] is False
-    task = get_task("ifeval")
-    s = task.score({"instruction_id_list": ["punctuation:no_comma", "detectable_format:title"],
-                    "kwargs": [{}, {}]}, "prompt", "<<A Title>> no commas")
-    assert s.metrics["inst_strict"] == (2.0, 2.0) and s.metrics["prompt_strict"] == (1.0, 1.0)
+    from melayer.evaluate.tasks import utils
+
+    doc = {"prompt": "prompt", "instruction_id_list": ["punctuation:no_comma", "detectable_format:title"],
+           "kwargs": [{}, {}]}
+    got = utils.ifeval_process_results(doc, ["<<A Title>> no commas"])
+    assert got["inst_level_strict_acc"] == [1.0, 1.0] and got["prompt_level_strict_acc"] == 1.0
+    assert utils.inst_level_acc([[1.0, 0.0], [1.0]]) == pytest.approx(2 / 3)
 
 
 def test_ifeval_sentence_counting_uses_punkt_abbreviations():
@@ -258,8 +323,11 @@ def test_loader_contents(data_dir):
     assert all(it["answer"].isdigit() for it in aime)
     mmlu = data.load("mmlu", data_dir)
     assert len(mmlu) == 14042 and len({it["subject"] for it in mmlu}) == 57
-    gold = get_task("gsm8k").gold(data.load("gsm8k", data_dir)[0])
-    assert gold == "18"  # Janet's ducks
+    assert scorers.gsm8k_gold(data.load("gsm8k", data_dir)[0]["answer"]) == "18"  # Janet's ducks
+    aime = data.load("aime", data_dir)
+    assert len(aime) == 90 and {it["id"].split("_")[0] for it in aime} == {"2022", "2023", "2024"}
+    harmless = data.load("harmless_test", data_dir)
+    assert len(harmless) > 100 and all(isinstance(it["prompt"], str) and it["prompt"] for it in harmless)
 
 
 def test_select_is_deterministic_and_rate_independent():
@@ -295,7 +363,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         data.load("gsm8k", tmp_path / "nope")
     with pytest.raises(MelayerError, match="data file missing"):
         data.load("gsm8k", tmp_path)
-    with pytest.raises(MelayerError, match="unknown task"):
-        get_task("gsm9k")
-    assert set(TASKS) >= {"gsm8k", "math500", "aime24", "ifeval", "mmlu", "mmlu_5shot", "mmlu_text", "xstest",
-                          "advbench", "harmbench", "wikitext2"}
+    from melayer.evaluate import TASKS_DIR
+
+    shipped = {p.stem for p in TASKS_DIR.glob("melayer_*.yaml")}
+    assert shipped >= {"melayer_gsm8k", "melayer_math500", "melayer_aime24", "melayer_aime", "melayer_ifeval",
+                       "melayer_mmlu", "melayer_mmlu_5shot", "melayer_mmlu_text", "melayer_mmlu_paper",
+                       "melayer_xstest", "melayer_advbench", "melayer_harmbench", "melayer_harmless",
+                       "melayer_wikitext2", "melayer_gsm8k_paper", "melayer_math500_paper", "melayer_aime_paper"}

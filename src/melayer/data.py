@@ -20,6 +20,7 @@ HUB = {
     "gsm8k_train": ("openai/gsm8k", "main", "train"),
     "math500": ("HuggingFaceH4/MATH-500", None, "test"),
     "aime24": ("Maxwell-Jia/AIME_2024", None, "train"),
+    "aime": ("AI-MO/aimo-validation-aime", None, "train"),
     "ifeval": ("google/IFEval", None, "train"),
     "mmlu": ("cais/mmlu", "all", "test"),
     "mmlu_dev": ("cais/mmlu", "all", "dev"),
@@ -105,18 +106,30 @@ def load_math500(data_dir: Optional[Path]) -> list[dict]:
     return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"]} for r in rows]
 
 
+def _aime_local(data_dir: Path, years: tuple[str, ...]) -> list[dict]:
+    try:
+        import pandas as pd
+    except ImportError:
+        raise MelayerError("reading AIME's parquet file needs pandas and pyarrow "
+                           "(pip install -r requirements/eval.txt)") from None
+    frame = pd.read_parquet(_local(data_dir, "aime/aime_2022_2024.parquet"))
+    rows = [r for r in frame.to_dict(orient="records") if any(f"{y}_AIME" in str(r["url"]) for y in years)]
+    return [{"id": str(r["url"]).rsplit("/", 2)[-2].replace("_Problems", "") + "-" + str(r["url"]).rsplit("_", 1)[-1],
+             "problem": r["problem"], "answer": str(r["answer"])} for r in rows]
+
+
 def load_aime24(data_dir: Optional[Path]) -> list[dict]:
+    """AIME 2024 (30 problems)."""
     if data_dir:
-        try:
-            import pandas as pd
-        except ImportError:
-            raise MelayerError("reading AIME's parquet file needs pandas and pyarrow "
-                               "(pip install -r requirements/eval.txt)") from None
-        frame = pd.read_parquet(_local(data_dir, "aime/aime_2022_2024.parquet"))
-        rows = [r for r in frame.to_dict(orient="records") if "2024_AIME" in str(r["url"])]
-        return [{"id": str(r["url"]).rsplit("/", 2)[-2].replace("_Problems", "") + "-" + str(r["url"]).rsplit("_", 1)[-1],
-                 "problem": r["problem"], "answer": str(r["answer"])} for r in rows]
+        return _aime_local(data_dir, ("2024",))
     return [{"id": str(r["ID"]), "problem": r["Problem"], "answer": str(r["Answer"])} for r in _hub_rows("aime24")]
+
+
+def load_aime(data_dir: Optional[Path]) -> list[dict]:
+    """AIME 2022, 2023 and 2024 (90 problems): the set of the paper's official evaluation."""
+    if data_dir:
+        return _aime_local(data_dir, ("2022", "2023", "2024"))
+    return [{"id": str(r["id"]), "problem": r["problem"], "answer": str(r["answer"])} for r in _hub_rows("aime")]
 
 
 def load_ifeval(data_dir: Optional[Path]) -> list[dict]:
@@ -187,6 +200,23 @@ def load_harmbench(data_dir: Optional[Path]) -> list[dict]:
     return out
 
 
+def _refusal(data_dir: Optional[Path], name: str) -> list[dict]:
+    """Instruction-only prompts of the refusal-direction splits (``refusal/<name>.json``: ``[{"instruction"}]``)."""
+    if not data_dir:
+        raise MelayerError(f"the refusal prompt splits ({name}) are read from a local folder only: pass --data-dir")
+    path = _local(data_dir, f"refusal/{name}.json")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise MelayerError(f"{path}: not valid JSON ({e})") from None
+    return [{"id": f"{name}-{i}", "prompt": r["instruction"]} for i, r in enumerate(rows)]
+
+
+def load_harmless_test(data_dir: Optional[Path]) -> list[dict]:
+    """Harmless instructions held out for evaluation (over-refusal); training data never uses this split."""
+    return _refusal(data_dir, "harmless_test")
+
+
 def load_wikitext2(data_dir: Optional[Path]) -> list[dict]:
     """The whole test split as one text (windows are cut after tokenisation)."""
     if data_dir:
@@ -197,7 +227,8 @@ def load_wikitext2(data_dir: Optional[Path]) -> list[dict]:
 
 
 LOADERS: dict[str, Callable[[Optional[Path]], list[dict]]] = {
-    "gsm8k": load_gsm8k, "gsm8k_train": load_gsm8k_train, "math500": load_math500, "aime24": load_aime24, "ifeval": load_ifeval,
+    "gsm8k": load_gsm8k, "gsm8k_train": load_gsm8k_train, "math500": load_math500, "aime24": load_aime24,
+    "aime": load_aime, "ifeval": load_ifeval, "harmless_test": load_harmless_test,
     "mmlu": load_mmlu, "mmlu_dev": load_mmlu_dev, "xstest": load_xstest, "advbench": load_advbench,
     "harmbench": load_harmbench, "wikitext2": load_wikitext2,
 }

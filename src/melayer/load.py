@@ -116,7 +116,6 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    asked_kind, asked_location = resolve_spec(spec)
     kind, location = local_location(spec)
     local_only = False
     if kind == "hub":
@@ -152,12 +151,15 @@ def load_model(spec: str | os.PathLike = "default", *, device: Optional[str] = N
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    remember_source(model, _source(str(spec), asked_kind, asked_location, location, model))
+    remember_source(model, source_of(spec, model))
     return model, tokenizer
 
 
-def _source(spec: str, kind: str, asked: str, location: str, model) -> ModelSource:
-    """What ``model`` is: where its weights came from, in words, with their sha256."""
+def source_of(spec: str | os.PathLike, model) -> ModelSource:
+    """What ``model``, loaded from ``spec``, is: where its weights came from, in words, with their sha256."""
+    spec = str(spec)
+    kind, asked = resolve_spec(spec)
+    location = local_location(spec)[1] if kind == "gguf" else asked
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     if kind == "gguf":
         sha = {Path(asked).name: json.loads((Path(location) / MANIFEST).read_text())["source"]["sha256"]}

@@ -1,28 +1,48 @@
-"""`melayer eval`: benchmarks under WeMask rate sweeps (CIs, paired tests, resumable per-item logs)."""
+"""`melayer eval`: lm-eval tasks under WeMask rate sweeps (CIs, paired tests, resumable per-request logs)."""
 from __future__ import annotations
 
 import argparse
 
-from ..evaluate import TASKS, EvalConfig, run_eval
+from ..evaluate import PROTOCOLS, EvalConfig, run_eval
 from ..generation import ENGINES
-from .common import add_data_dir_arg, add_model_args, add_out_arg, add_parser, add_wemask_args, parse_layers, \
-    sweep_from_args
+from ..masking import MODES
+from .common import add_data_dir_arg, add_model_args, add_out_arg, add_parser, check_out_dir, parse_floats, \
+    parse_layers
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "eval", "benchmarks under WeMask rate sweeps (CIs, paired tests, resumable)",
-                   "Evaluate a model on benchmarks at several WeMask rates, on the same items.")
+    p = add_parser(sub, "eval", "lm-eval tasks under WeMask rate sweeps (CIs, paired tests, resumable)",
+                   "Evaluate a model on lm-eval tasks at several WeMask rates, on the same documents, and compare "
+                   "every condition with rate 0 (paired tests, Holm correction).")
     add_model_args(p)
-    p.add_argument("--tasks", default="gsm8k", help=f"comma-separated: {', '.join(TASKS)}")
-    add_wemask_args(p, sweep=True)
-    p.add_argument("--limit", type=int, default=None, help="evaluate N items per task, drawn with --seed")
+    p.add_argument("--tasks", default="melayer_gsm8k",
+                   help="comma-separated lm-eval tasks, groups or tags; melayer's own: melayer_gsm8k, melayer_math500, "
+                        "melayer_aime, melayer_aime24, melayer_ifeval, melayer_mmlu, melayer_mmlu_text, melayer_xstest, "
+                        "melayer_advbench, melayer_harmbench, melayer_harmless, melayer_wikitext2 (and _paper "
+                        "variants)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="clean",
+                   help="clean (melayer's) or paper (the official evaluation's prompts, chat template, layer sets, "
+                        "masking mode and precision per task); the flags below override it")
+    g = p.add_argument_group("WeMask sweep")
+    g.add_argument("--wemask-rates", default=None, metavar="R,R,...",
+                   help="rates to sweep, e.g. 0,0.01,0.05 (default: 0, or the mask saved with the model)")
+    g.add_argument("--wemask-mode", default=None, metavar="M[,M]",
+                   help=f"{' or '.join(MODES)}, or both (default: the protocol's)")
+    g.add_argument("--wemask-layers", nargs="+", default=None, metavar="SET",
+                   help="layer sets to sweep: after_me, from_after_me, me, or comma-separated 0-based blocks "
+                        "(default: the protocol's, per task)")
+    g.add_argument("--me-layer", type=int, default=None, metavar="N", help="0-based ME block (default: found by a "
+                                                                          "scan)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N documents per task, drawn with --seed")
     p.add_argument("--seed", type=int, default=0)
     add_data_dir_arg(p)
     add_out_arg(p, "out/eval", "output folder (resumed if it exists)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
-                   help="wrap prompts in the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's default")
+    p.add_argument("--batch-size", type=int, default=64, help="requests per model call")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the chat template (default: the protocol's, per task)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's own")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (seeded)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -34,32 +54,32 @@ def register(sub) -> None:
                    help="static engine: torch.compile the decode step (faster on a GPU for long runs; compiles once "
                         "per batch shape)")
     p.add_argument("--refusal-classifier", default="prefix",
-                   help="prefix (XSTest string match) or substring (GCG list)")
-    p.add_argument("--ppl-seq-len", type=int, default=1024, help="perplexity window length in tokens")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--generate-only", action="store_true",
-                      help="write outputs without scoring (needs only torch/transformers)")
-    mode.add_argument("--score-only", action="store_true", help="score an existing --out folder, no model")
+                   help="the refusal tasks' `refusal` metric: prefix (XSTest's string match) or substring (the GCG "
+                        "list); `refusal_substring` is always reported too")
+    p.add_argument("--score-only", action="store_true",
+                   help="rescore an existing --out from its logged answers (no model is loaded)")
     p.set_defaults(handler=run)
 
 
 def config_from_args(args) -> EvalConfig:
-    rates, modes = sweep_from_args(args)
+    modes = [m.strip() for m in args.wemask_mode.split(",") if m.strip()] if args.wemask_mode else None
+    layers = [parse_layers(s) for s in args.wemask_layers] if args.wemask_layers else None
     return EvalConfig(
-        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], wemask_rates=rates,
-        wemask_modes=modes, wemask_layers=parse_layers(args.wemask_layers), me_layer=args.me_layer,
-        limit=args.limit, seed=args.seed, data_dir=args.data_dir, out=args.out, batch_size=args.batch_size,
-        chat=args.chat, max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-        top_p=args.top_p, engine=args.engine, compile=args.compile, refusal_classifier=args.refusal_classifier,
-        ppl_seq_len=args.ppl_seq_len, generate_only=args.generate_only, score_only=args.score_only,
-        device=args.device, dtype=args.dtype)
+        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        include_path=args.include_path, protocol=args.protocol,
+        wemask_rates=parse_floats(args.wemask_rates, "--wemask-rates") if args.wemask_rates else None,
+        wemask_modes=modes, wemask_layers=layers, me_layer=args.me_layer, limit=args.limit, seed=args.seed,
+        data_dir=args.data_dir, out=args.out, batch_size=args.batch_size, chat=args.chat,
+        max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+        engine=args.engine, compile=args.compile, refusal_classifier=args.refusal_classifier,
+        score_only=args.score_only, device=args.device, dtype=args.dtype)
 
 
 def run(args) -> int:
     cfg = config_from_args(args)
-    summary = run_eval(cfg)
-    if summary is None:
-        print(f"outputs in {cfg.out}/samples.jsonl; score them with: melayer eval --score-only --out {cfg.out}")
-    else:
-        print(f"report: {cfg.out}/report.md (JSON: report.json, CSV: summary.csv, plot: score_vs_rate.png)")
+    cfg.validate()
+    check_out_dir(cfg.out)
+    run_eval(cfg)
+    print(f"report: {cfg.out}/report.md (JSON: report.json, CSV: summary.csv, lm-eval results: results.json, "
+          f"lm_eval/<condition>/)")
     return 0

@@ -1,13 +1,15 @@
-"""`melayer eval`: benchmarks under WeMask rate sweeps, with CIs, paired tests and resumable per-sample logs.
+"""`melayer eval`: lm-eval tasks under WeMask rate sweeps, paired by document, with CIs, paired tests and Holm.
 
-Public API: :class:`EvalConfig`, :func:`run_eval` (run or resume a sweep), :func:`score_existing`
-(score a ``--generate-only`` out dir), the task registry :data:`TASKS`, and
-:func:`register_refusal_classifier` to swap the refusal detector.
+Public API: :class:`EvalConfig` and :func:`run_eval` (run, resume or rescore a sweep), the ``clean`` and ``paper``
+protocols (:mod:`.protocols`), melayer's lm-eval tasks (``TASKS_DIR``, usable from plain ``lm_eval
+--include_path``) and the lm-eval model ``melayer`` (:class:`melayer.evaluate.harness.MelayerLM`, imported on use:
+it needs lm-eval).
 """
 from __future__ import annotations
 
-from .runner import EvalConfig, run_eval, score_existing
+from .protocols import PROTOCOLS
+from .runner import EvalConfig, run_eval
 from .scorers import register_refusal_classifier
-from .tasks import TASKS
+from .tasks import TASKS_DIR
 
-__all__ = ["EvalConfig", "run_eval", "score_existing", "register_refusal_classifier", "TASKS"]
+__all__ = ["EvalConfig", "run_eval", "PROTOCOLS", "TASKS_DIR", "register_refusal_classifier"]

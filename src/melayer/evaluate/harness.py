@@ -1,0 +1,213 @@
+"""melayer's lm-evaluation-harness model: lm-eval's own HFLM with WeMask around every model call and melayer's
+generation engines under its ``generate_until``, in the style of lm-eval's ``steered`` model (hooks on an
+unchanged HF model, nothing forked).
+
+    lm_eval --model melayer --model_args pretrained=default,wemask_rate=0.01 --tasks gsm8k
+
+``pretrained`` takes every spec ``melayer.load_model`` does ("default", a hub id, a folder, a .gguf file); it is
+resolved to a folder (a GGUF is dequantised once into melayer's cache) and handed to HFLM as a path, so HFLM's
+device, dtype and parallelism handling apply unchanged. WeMask arguments: ``wemask_rate``, ``wemask_layers``
+(after_me, from_after_me, me, or 0-based blocks joined by ":"), ``wemask_mode`` (correct or paper),
+``wemask_me_layer``; a model saved with WeMask runs with it unless ``wemask_rate`` is given. ``engine`` (auto,
+hf, static, compact) and ``compile`` choose the generation engine.
+
+``melayer eval`` drives one :class:`MelayerLM` through a sweep: :meth:`MelayerLM.set_condition` switches the mask
+between conditions, and a :class:`ResponseLog` records every answer as it is computed, so a killed run resumes
+without recomputing anything and a finished one rescores without the model (:class:`LoggedResponsesLM`).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Optional
+
+if __name__ == "__main__":  # `python -m`: run the importable copy, whose MelayerLM is the one lm-eval registers
+    from melayer.evaluate.harness import cli
+
+    sys.exit(cli())
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..errors import MelayerError
+from ..generation import GenerationConfig, generate_batch
+from ..load import local_location, saved_wemask, source_of
+from ..masking import WeMaskConfig, WeMaskHandle, apply_wemask, parse_layers
+from ..provenance import model_source, remember_source
+from ..report import progress
+from ..text import eos_ids
+from .responses import ResponseLog, request_key
+
+def resolve_device(device: Optional[str]) -> str:
+    """HFLM's rule for one device: a device that exists is used as given; anything else (lm-eval's default
+    "cuda:0" on a machine without CUDA, None) falls back to cuda when available, else cpu."""
+    gpus = torch.cuda.device_count()
+    known = {"cpu", "mps", "mps:0"} | ({"cuda"} if gpus else set()) | {f"cuda:{i}" for i in range(gpus)}
+    if device in known:
+        return device
+    return "cuda" if gpus else "cpu"
+
+
+def _restore(kind: str, response):
+    """JSON turns loglikelihood's (float, bool) tuples into lists; lm-eval wants tuples back."""
+    return tuple(response) if kind == "loglikelihood" else response
+
+
+class _Logged:
+    """The three request kinds answered from a :class:`ResponseLog` first; what is missing is computed by
+    ``compute`` (in chunks, each logged when done) or, without it, is an error."""
+
+    log: Optional[ResponseLog] = None
+    cond: str = "0"
+    chunk = {"loglikelihood": 1024, "loglikelihood_rolling": 16}  # generate_until: two batches
+
+    def _answer(self, kind: str, requests, compute: Optional[Callable]) -> list:
+        if self.log is None:
+            return compute(requests)
+        keys = [request_key(kind, r.args) for r in requests]
+        todo = [i for i, k in enumerate(keys) if not self.log.has(self.cond, k)]
+        if todo and compute is None:
+            raise MelayerError(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
+                               "logged answer: run without --score-only to compute them")
+        size = self.chunk[kind] if kind != "generate_until" else 2 * int(getattr(self, "batch_size", 1) or 1)
+        bar = progress(None, desc=f"{kind} @ {self.cond}", total=len(todo), disable=not todo, unit="req")
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            answers = compute([requests[i] for i in part])
+            self.log.add(self.cond, kind, [keys[i] for i in part], answers)
+            bar.update(len(part))
+        bar.close()
+        return [_restore(kind, self.log.get(self.cond, k)) for k in keys]
+
+
+@register_model("melayer")
+class MelayerLM(_Logged, HFLM):
+    """HFLM whose forward and generate calls run under WeMask, with melayer's generation engines."""
+
+    def __init__(self, pretrained="default", wemask_rate: Optional[float] = None, wemask_layers: str = "after_me",
+                 wemask_mode: str = "correct", wemask_me_layer: Optional[int] = None, engine: str = "auto",
+                 compile: bool = False, device: Optional[str] = None, **kwargs):
+        if isinstance(pretrained, str):  # a folder or hub id HFLM loads itself (GGUF: its dequantised cache)
+            self.spec, pretrained = pretrained, local_location(pretrained)[1]
+        else:
+            self.spec = getattr(pretrained, "name_or_path", "model")
+        if isinstance(compile, str):
+            compile = compile.lower() in ("1", "true", "yes")
+        super().__init__(pretrained=pretrained, device=resolve_device(device), **kwargs)
+        if isinstance(self.spec, str) and isinstance(pretrained, str):
+            remember_source(self.model, source_of(self.spec, self.model))
+        self.tokenizer.padding_side = "left"
+        self.engine, self.compile = engine, bool(compile)
+        self.handle: Optional[WeMaskHandle] = None
+        if wemask_rate in (None, ""):
+            config = saved_wemask(self.model)
+        else:
+            config = WeMaskConfig(rate=float(wemask_rate), layers=parse_layers(wemask_layers, sep=":"),
+                                  mode=str(wemask_mode),
+                                  me_layer=None if wemask_me_layer in (None, "") else int(wemask_me_layer))
+        self.set_condition(config)
+
+    def set_condition(self, config: Optional[WeMaskConfig], key: Optional[str] = None) -> Optional[WeMaskHandle]:
+        """Replace the mask (None or rate 0: none). It is registered once, paused between calls and active inside
+        them (paper mode: each item as if it ran alone); ``key`` names the condition in the response log."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        if config is not None and config.rate > 0:
+            self.handle = apply_wemask(self.model, config, tokenizer=self.tokenizer, per_sequence=True)
+            self._pause = self.handle.paused()
+            self._pause.__enter__()
+        self.cond = key or (f"{config.rate:g}" if config is not None and config.rate > 0 else "0")
+        return self.handle
+
+    @contextlib.contextmanager
+    def masked(self):
+        """The mask active for one model call."""
+        if self.handle is None:
+            yield
+            return
+        self._pause.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self._pause = self.handle.paused()
+            self._pause.__enter__()
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        with self.masked():
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        """HFLM's generate_until keeps its batching, stop strings and decoding; the decode loop is melayer's
+        engine (returns context + new tokens, as ``generate`` does)."""
+        mask = generation_kwargs.pop("attention_mask", None)
+        if mask is None:
+            mask = (context != self.tokenizer.pad_token_id).long()
+        temperature = float(generation_kwargs.get("temperature") or 0.0)
+        sample = bool(generation_kwargs.get("do_sample")) and temperature > 0
+        config = GenerationConfig(max_new_tokens=max_length - context.shape[1], do_sample=sample,
+                                  temperature=temperature if sample else 1.0,
+                                  top_p=float(generation_kwargs.get("top_p") or 1.0), engine=self.engine,
+                                  compile=self.compile)
+        with self.masked():
+            new = generate_batch(self.model, context, mask, config, eos_ids(self.tokenizer, self.model),
+                                 self.tokenizer.pad_token_id)
+        return torch.cat([context, new.to(context.device)], dim=1)
+
+    def get_model_info(self) -> dict:
+        """What lm-eval records about the model: melayer's own record (HFLM's asks the hub)."""
+        source = model_source(self.model)
+        info = {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(self.model.dtype), "melayer_model": source.describe() if source else self.spec}
+        if self.handle is not None:
+            c = self.handle.config
+            info["melayer_wemask"] = {"rate": c.rate, "layers": c.layers, "mode": c.mode, "me_layer": c.me_layer}
+        return info
+
+    def generate_until(self, requests, disable_tqdm: bool = True):
+        return self._answer("generate_until", requests, lambda rs: HFLM.generate_until(self, rs, disable_tqdm=True))
+
+    def loglikelihood(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood", requests, lambda rs: HFLM.loglikelihood(self, rs, disable_tqdm=True))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood_rolling", requests,
+                            lambda rs: HFLM.loglikelihood_rolling(self, rs, disable_tqdm=True))
+
+
+class LoggedResponsesLM(_Logged, LM):
+    """Answers from a response log alone (``melayer eval --score-only``): rescoring needs the tokenizer (chat
+    templates), never the model."""
+
+    def __init__(self, tokenizer, log: ResponseLog):
+        super().__init__()
+        self.tokenizer, self.log = tokenizer, log
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def chat_template(self, chat_template=False):
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def generate_until(self, requests, disable_tqdm: bool = True):
+        return self._answer("generate_until", requests, None)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood", requests, None)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood_rolling", requests, None)
+
+
+def cli() -> None:
+    """lm-eval's command line with the ``melayer`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
