@@ -1,8 +1,10 @@
-"""Registers lm-eval's ``melayer`` model when lm-eval loads its models (lm-eval 0.4.13 reads no plugin entry
+"""Registers lm-eval's ``melayer`` and ``melayer-vllm`` models when lm-eval loads its models (lm-eval 0.4.13 reads no plugin entry
 points); imported at interpreter start by ``melayer-lm-eval.pth``. Stdlib only; it never breaks Python."""
 import sys
 
-_MODULE, _TARGET = "lm_eval.models", "melayer.evaluate.harness:MelayerLM"
+_MODULE = "lm_eval.models"
+_TARGETS = {"melayer": "melayer.evaluate.harness:MelayerLM",
+            "melayer-vllm": "melayer.vllm_backend.lm_eval_model:MelayerVLLM"}
 
 
 class _Finder:
@@ -25,8 +27,9 @@ def _register():
     try:
         from lm_eval.api.registry import model_registry
 
-        if "melayer" not in model_registry:
-            model_registry.register("melayer", target=_TARGET)
+        for name, target in _TARGETS.items():
+            if name not in model_registry:
+                model_registry.register(name, target=target)
     except Exception:
         pass
 

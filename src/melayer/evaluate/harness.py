@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 if __name__ == "__main__":  # `python -m`: run the importable copy, whose MelayerLM is the one lm-eval registers
     from melayer.evaluate.harness import cli
@@ -31,14 +31,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import MelayerError
 from ..generation import GenerationConfig, generate_batch
 from ..load import local_location, saved_wemask, source_of
 from ..masking import WeMaskConfig, WeMaskHandle, apply_wemask, parse_layers
 from ..provenance import model_source, remember_source
-from ..report import progress
 from ..text import eos_ids
-from .responses import ResponseLog, request_key
+from .responses import LoggedLM, ResponseLog
 
 def resolve_device(device: Optional[str]) -> str:
     """HFLM's rule for one device: a device that exists is used as given; anything else (lm-eval's default
@@ -50,40 +48,8 @@ def resolve_device(device: Optional[str]) -> str:
     return "cuda" if gpus else "cpu"
 
 
-def _restore(kind: str, response):
-    """JSON turns loglikelihood's (float, bool) tuples into lists; lm-eval wants tuples back."""
-    return tuple(response) if kind == "loglikelihood" else response
-
-
-class _Logged:
-    """The three request kinds answered from a :class:`ResponseLog` first; what is missing is computed by
-    ``compute`` (in chunks, each logged when done) or, without it, is an error."""
-
-    log: Optional[ResponseLog] = None
-    cond: str = "0"
-    chunk = {"loglikelihood": 1024, "loglikelihood_rolling": 16}  # generate_until: two batches
-
-    def _answer(self, kind: str, requests, compute: Optional[Callable]) -> list:
-        if self.log is None:
-            return compute(requests)
-        keys = [request_key(kind, r.args) for r in requests]
-        todo = [i for i, k in enumerate(keys) if not self.log.has(self.cond, k)]
-        if todo and compute is None:
-            raise MelayerError(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
-                               "logged answer: run without --score-only to compute them")
-        size = self.chunk[kind] if kind != "generate_until" else 2 * int(getattr(self, "batch_size", 1) or 1)
-        bar = progress(None, desc=f"{kind} @ {self.cond}", total=len(todo), disable=not todo, unit="req")
-        for start in range(0, len(todo), size):
-            part = todo[start:start + size]
-            answers = compute([requests[i] for i in part])
-            self.log.add(self.cond, kind, [keys[i] for i in part], answers)
-            bar.update(len(part))
-        bar.close()
-        return [_restore(kind, self.log.get(self.cond, k)) for k in keys]
-
-
 @register_model("melayer")
-class MelayerLM(_Logged, HFLM):
+class MelayerLM(LoggedLM, HFLM):
     """HFLM whose forward and generate calls run under WeMask, with melayer's generation engines."""
 
     def __init__(self, pretrained="default", wemask_rate: Optional[float] = None, wemask_layers: str = "after_me",
@@ -177,7 +143,7 @@ class MelayerLM(_Logged, HFLM):
                             lambda rs: HFLM.loglikelihood_rolling(self, rs, disable_tqdm=True))
 
 
-class LoggedResponsesLM(_Logged, LM):
+class LoggedResponsesLM(LoggedLM, LM):
     """Answers from a response log alone (``melayer eval --score-only``): rescoring needs the tokenizer (chat
     templates), never the model."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
+from ..errors import MelayerError
 from ..io import JsonlLog
+from ..report import progress
 
 RESPONSES_NAME = "responses.jsonl"
 
@@ -40,3 +42,43 @@ class ResponseLog:
 
     def conditions(self) -> set[str]:
         return {c for c, _ in self._known}
+
+
+def _restore(kind: str, response):
+    """JSON turns loglikelihood's (float, bool) tuples into lists; lm-eval wants tuples back."""
+    return tuple(response) if kind == "loglikelihood" else response
+
+
+class LoggedLM:
+    """Mixin of melayer's lm-eval models (HF, vLLM, log only): the three request kinds answered from a
+    :class:`ResponseLog` first; what is missing is computed by ``compute`` (in chunks, each logged when done) or,
+    without it, is an error."""
+
+    log: Optional[ResponseLog] = None
+    cond: str = "0"
+    chunk = {"loglikelihood": 1024, "loglikelihood_rolling": 16}  # generate_until: two batches
+    auto_chunk = 256  # generate_until with batch_size "auto" (vLLM batches by itself)
+
+    def _chunk_size(self, kind: str) -> int:
+        if kind != "generate_until":
+            return self.chunk[kind]
+        size = getattr(self, "batch_size", 1) or 1
+        return 2 * int(size) if str(size).isdigit() else self.auto_chunk
+
+    def _answer(self, kind: str, requests, compute: Optional[Callable]) -> list:
+        if self.log is None:
+            return compute(requests)
+        keys = [request_key(kind, r.args) for r in requests]
+        todo = [i for i, k in enumerate(keys) if not self.log.has(self.cond, k)]
+        if todo and compute is None:
+            raise MelayerError(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
+                               "logged answer: run without --score-only to compute them")
+        size = self._chunk_size(kind)
+        bar = progress(None, desc=f"{kind} @ {self.cond}", total=len(todo), disable=not todo, unit="req")
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            answers = compute([requests[i] for i in part])
+            self.log.add(self.cond, kind, [keys[i] for i in part], answers)
+            bar.update(len(part))
+        bar.close()
+        return [_restore(kind, self.log.get(self.cond, k)) for k in keys]

