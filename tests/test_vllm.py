@@ -40,9 +40,10 @@ needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="vLLM is not importa
                                 "(make test builds .venv-vllm; or set MELAYER_VLLM_PYTHON)")
 
 
-def _run_vllm(args, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run_vllm(args, timeout: int = 900, **env) -> subprocess.CompletedProcess:
     """``VLLM_PYTHON args`` with this checkout's melayer first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([VLLM_PYTHON, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
@@ -132,6 +133,26 @@ def test_correct_hook_masks_the_first_token_rows_of_a_flattened_batch():
     assert not torch.equal(x, y)  # out of place: the caller's tensor (vLLM's residual input) is untouched
 
 
+def test_plugin_registers_lazy_subclasses_and_leaves_other_plugins_alone(monkeypatch):
+    from melayer.vllm_backend import plugin
+
+    class Registry:  # vLLM's ModelRegistry, as far as the plugin uses it
+        models = {"LlamaForCausalLM": SimpleNamespace(module_name="vllm.model_executor.models.llama"),
+                  "Qwen2ForCausalLM": SimpleNamespace(module_name="someone_elses_plugin.models")}
+
+        def register_model(self, arch, target):
+            self.models[arch] = SimpleNamespace(module_name=target.split(":")[0], target=target)
+
+    registry = Registry()
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(ModelRegistry=registry))
+    plugin.register()
+    plugin.register()  # vLLM may load plugins more than once
+    assert registry.models["LlamaForCausalLM"].target == "melayer.vllm_backend.models:WeMaskLlamaForCausalLM"
+    assert plugin.owner(registry, "LlamaForCausalLM") == plugin.MODELS_MODULE
+    assert registry.models["Qwen2ForCausalLM"].module_name == "someone_elses_plugin.models"  # not ours to replace
+    assert set(registry.models) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}  # nothing vLLM lacks is added
+
+
 def test_plugin_imports_nothing_heavy():
     code = ("import sys; import melayer.vllm_backend.plugin; "
             "print(' '.join(m for m in sys.modules if m.split('.')[0] in ('vllm', 'lm_eval', 'transformers') "
@@ -172,19 +193,23 @@ def _gsm8k_prompts(tokenizer, data_dir: Path, n: int) -> list[list[int]]:
                                           tokenize=True, return_dict=False) for r in rows]
 
 
-def _hf_greedy(model, prompts, config) -> list[list[int]]:
-    """melayer's HF WeMask, one prompt at a time (the exact reference); paper mode as melayer eval runs it."""
+def _hf_greedy(model, tokenizer, prompts, config) -> list[list[int]]:
+    """melayer's HF WeMask on one left-padded batch with melayer's compact engine, as melayer eval runs it (both
+    masks equal the prompts' unbatched runs: tests/test_wemask.py); each row up to and with its EOS."""
+    from melayer.generation import GenerationConfig, generate_batch
     from melayer.masking import wemask
+    from melayer.text import eos_ids, left_pad, pad_id
 
-    out = []
-    with wemask(model, config or WeMaskConfig(), per_sequence=True):
-        for p in prompts:
-            ids = torch.tensor([p])
-            with torch.no_grad():
-                new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                     do_sample=False)
-            out.append(new[0, len(p):].tolist())
-    return out
+    eos = eos_ids(tokenizer, model)
+    ids, mask = left_pad(prompts, pad_id(tokenizer))
+    with wemask(model, config or WeMaskConfig(), per_sequence=True), torch.no_grad():
+        new = generate_batch(model, ids, mask, GenerationConfig(max_new_tokens=NEW_TOKENS, engine="compact"), eos,
+                             pad_id(tokenizer))
+    rows = []
+    for row in new.tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
 
 
 @pytest.mark.vllm
@@ -195,22 +220,27 @@ def test_vllm_wemask_gives_hf_wemask_greedy_tokens(smollm2, data_dir, tmp_path):
 
     model, tok = smollm2
     prompts = _gsm8k_prompts(tok, data_dir, N_PROMPTS)
-    masked = WeMaskConfig(rate=0.05).resolved(model, tok)  # ME layer by melayer's scan: 11, so block 12
+    masked = WeMaskConfig(rate=0.05, me_layer=11).resolved(model)  # block 12 (the eval test below scans)
     cases = {"rate 0": None, "rate 0.05": masked,
              "rate 0.05 paper": WeMaskConfig(**{**masked.__dict__, "mode": "paper"})}
+    # In-process engines (no engine-core and worker processes: ~4 s to start instead of ~30 s on a CPU); the
+    # spawned processes, where the plugin must load by itself, are what the eval test below runs.
     job = {"model": local_location("default")[1], "prompts": prompts, "max_tokens": NEW_TOKENS,
            "engine": {"dtype": "float32", "enforce_eager": True, "seed": 0, "max_model_len": 2048,
-                      "gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 1 << 30},
+                      "gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 1 << 30,
+                      "distributed_executor_backend": "uni"},
            "cases": [{"name": n, "wemask": c.__dict__ if c else None} for n, c in cases.items()]}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    _run_vllm([str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")])
+    _run_vllm([str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+              VLLM_ENABLE_V1_MULTIPROCESSING="0")
     got = json.loads((tmp_path / "out.json").read_text())
     for name, config in cases.items():
-        hf = _hf_greedy(model, prompts, config)
+        hf = _hf_greedy(model, tok, prompts, config)
         assert got[name]["ids"] == hf, name
-        workers = got[name]["workers"]
-        assert workers == [None] if config is None else [{"rate": 0.05, "k": 28, "layers": masked.layers,
-                                                          "mode": config.mode, "gamma": 0.0}]
+        [worker] = got[name]["workers"]
+        assert worker["model_class"] == "melayer.vllm_backend.models.WeMaskLlamaForCausalLM"  # the plugin's
+        assert worker["mask"] == (None if config is None else {"rate": 0.05, "k": 28, "layers": masked.layers,
+                                                               "mode": config.mode, "gamma": 0.0})
     differ = [a != b for a, b in zip(got["rate 0.05"]["ids"], got["rate 0"]["ids"])]
     assert sum(differ) >= 2, differ  # the mask changes the tokens, so the equality above can fail
 

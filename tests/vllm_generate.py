@@ -5,7 +5,7 @@ an engine is built only under ``if __name__ == "__main__"``, never inside pytest
 
 JOB: {"model": folder, "prompts": [[token ids]], "max_tokens": n, "engine": {LLM kwargs},
       "cases": [{"name": ..., "wemask": WeMaskConfig fields (resolved) or null}]}
-OUT: {name: {"ids": [[generated ids]], "workers": [what each worker installed], "start_s": s, "generate_s": s}}
+OUT: {name: {"ids": [[generated ids]], "workers": [each worker's model class and mask], "start_s": s, "generate_s": s}}
 One engine per case, built with melayer.vllm_backend's kwargs (greedy decoding), shut down before the next.
 """
 from __future__ import annotations

@@ -273,12 +273,13 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
             lm.set_condition(wemask, cond.key)
         say(f"{', '.join(tasks)} @ {cond.key}{'' if chat else ' (no chat template)'}")
         _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
-    if cfg.engine == "vllm" and not cfg.score_only:
-        lm.close()
-        write_record(out, None, data.files_read(), extra={"engine": lm.get_model_info()})
-    elif not cfg.score_only:
+    if not cfg.score_only:
         lm.set_condition(None)
-        write_record(out, lm.model, data.files_read())
+        if cfg.engine == "vllm":  # no HF model to describe: vLLM's model info instead
+            lm.close()
+            write_record(out, None, data.files_read(), extra={"engine": lm.get_model_info()})
+        else:
+            write_record(out, lm.model, data.files_read())
     return summarise_folder(out, cfg, deviations(cfg.protocol, cfg.tasks, cfg.chat, cfg.wemask_layers,
                                                   cfg.wemask_modes, cfg.dtype))
 

@@ -23,6 +23,7 @@ from ..evaluate.responses import LoggedLM
 from ..load import local_location, saved_wemask
 from ..masking import WeMaskConfig, parse_layers
 from .config import check_architecture, engine_kwargs, model_shape, resolve_wemask, wemask_entry
+from .plugin import MODELS_MODULE, owner
 
 WORKER_EXTENSION = "melayer.vllm_backend.models.WorkerExtension"
 
@@ -61,6 +62,26 @@ def _mask(rate, layers, mode, me_layer) -> WeMaskConfig:
                         me_layer=None if me_layer in (None, "") else int(me_layer))
 
 
+def _why(module: str) -> str:
+    if module.startswith("vllm."):
+        return ("melayer's vllm.general_plugins entry point did not run (is melayer installed in this environment, "
+                "and not excluded by VLLM_PLUGINS?)")
+    return (f"another vllm.general_plugins entry point registered {module} for this architecture (uninstall it, or "
+            "run with VLLM_PLUGINS=melayer)")
+
+
+def _check_plugin(arch: str) -> None:
+    """One-line error, before any engine starts, when vLLM would not build melayer's class for ``arch`` (a
+    silent unmasked run, or someone else's code, otherwise); vLLM's plugins are loaded here as in its engines."""
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    module = owner(ModelRegistry, arch)
+    if module != MODELS_MODULE:
+        raise MelayerError(f"vLLM would build {arch} from {module}, not melayer's WeMask class: {_why(str(module))}")
+
+
 @register_model("melayer-vllm")
 class MelayerVLLM(LoggedLM, VLLM):
     """lm-eval's VLLM whose engine runs melayer's WeMask (the ``melayer_wemask`` plugin), one engine per
@@ -96,7 +117,7 @@ class MelayerVLLM(LoggedLM, VLLM):
         scan_dtype = None if self._dtype == "auto" else self._dtype
         entry = wemask_entry(resolve_wemask(config, self.spec, dtype=scan_dtype))
         if entry is not None:
-            check_architecture(local_location(self.spec)[1])
+            _check_plugin(check_architecture(local_location(self.spec)[1]))
             WeMaskConfig(**entry).resolve_layers(self.model_shape[0])  # blocks outside the model: one-line error
         return entry
 
@@ -122,17 +143,18 @@ class MelayerVLLM(LoggedLM, VLLM):
         self._check_workers()
 
     def _check_workers(self) -> None:
-        """Every worker runs the wanted mask (a missing plugin, or another plugin owning the architecture, would
-        otherwise be a silent unmasked run)."""
-        if self.model_args.get("worker_extension_cls") != WORKER_EXTENSION:
+        """Every worker runs melayer's class with the wanted mask (what :func:`_check_plugin` foresaw in this
+        process, confirmed where the model runs)."""
+        if self.model_args.get("worker_extension_cls") != WORKER_EXTENSION or self._built is None:
             return
         reports = self.model.collective_rpc("melayer_wemask")
-        masked = sorted({i for r in reports if r and r["k"] > 0 for i in r["layers"]})
-        wanted = self._built is not None and WeMaskConfig(**self._built).k(self.model_shape[1]) > 0
-        if masked != (sorted(self._built["layers"]) if wanted else []):
-            raise MelayerError(f"vLLM's workers mask blocks {masked}, not the condition's: is melayer installed in "
-                               "this environment (its vllm.general_plugins entry point), not excluded by "
-                               "VLLM_PLUGINS, and not overridden by another plugin for this architecture?")
+        foreign = sorted({r["model_class"] for r in reports if not r["model_class"].startswith(MODELS_MODULE + ".")})
+        if foreign:
+            raise MelayerError(f"vLLM runs {', '.join(foreign)}, not melayer's WeMask class: {_why(foreign[0])}")
+        masked = sorted({i for r in reports if r["mask"] and r["mask"]["k"] > 0 for i in r["mask"]["layers"]})
+        wanted = self._built["layers"] if WeMaskConfig(**self._built).k(self.model_shape[1]) > 0 else []
+        if masked != sorted(wanted):
+            raise MelayerError(f"vLLM's workers mask blocks {masked}, not {sorted(wanted)}")
 
     def close(self) -> None:
         """Shut the current engine down and free its memory (before the next one starts)."""

@@ -177,8 +177,9 @@ def __getattr__(name: str):
 
 class WorkerExtension:
     """Mixed into vLLM's workers (``worker_extension_cls``) so that the caller can check, with
-    ``llm.collective_rpc("melayer_wemask")``, that the mask reached every worker (one dict per worker; None: no
-    mask, e.g. the plugin was not loaded)."""
+    ``llm.collective_rpc("melayer_wemask")``, which model class each worker runs and what it masks."""
 
-    def melayer_wemask(self) -> Optional[dict]:
-        return getattr(self.model_runner.get_model(), "_melayer_wemask", None)
+    def melayer_wemask(self) -> dict:
+        model = self.model_runner.get_model()
+        return {"model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "mask": getattr(model, "_melayer_wemask", None)}

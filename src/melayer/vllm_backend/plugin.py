@@ -13,12 +13,15 @@ from .config import ARCHITECTURES
 MODELS_MODULE = "melayer.vllm_backend.models"
 
 
+def owner(registry, arch: str):
+    """The module of the class ``arch`` is registered to (lazy "module:class" or a class), or None."""
+    entry = registry.models.get(arch)
+    return getattr(entry, "module_name", None) or getattr(getattr(entry, "model_cls", None), "__module__", None)
+
+
 def register() -> None:
     from vllm import ModelRegistry
 
     for arch, module in ARCHITECTURES.items():
-        current = ModelRegistry.models.get(arch)
-        owner = getattr(current, "module_name", None) or getattr(getattr(current, "model_cls", None),
-                                                                 "__module__", None)
-        if owner in (f"vllm.model_executor.models.{module}", MODELS_MODULE):
+        if owner(ModelRegistry, arch) in (f"vllm.model_executor.models.{module}", MODELS_MODULE):
             ModelRegistry.register_model(arch, f"{MODELS_MODULE}:WeMask{arch}")
