@@ -221,7 +221,7 @@ def test_vllm_wemask_gives_hf_wemask_greedy_tokens(smollm2, data_dir, tmp_path):
     model, tok = smollm2
     prompts = _gsm8k_prompts(tok, data_dir, N_PROMPTS)
     masked = WeMaskConfig(rate=0.05, me_layer=11).resolved(model)  # block 12 (the eval test below scans)
-    cases = {"rate 0": None, "rate 0.05": masked,
+    cases = {"rate 0": None, "rate 0.05": masked, "rate 0.05 (model config)": masked,
              "rate 0.05 paper": WeMaskConfig(**{**masked.__dict__, "mode": "paper"})}
     # In-process engines (no engine-core and worker processes: ~4 s to start instead of ~30 s on a CPU); the
     # spawned processes, where the plugin must load by itself, are what the eval test below runs.
@@ -229,7 +229,8 @@ def test_vllm_wemask_gives_hf_wemask_greedy_tokens(smollm2, data_dir, tmp_path):
            "engine": {"dtype": "float32", "enforce_eager": True, "seed": 0, "max_model_len": 2048,
                       "gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 1 << 30,
                       "distributed_executor_backend": "uni"},
-           "cases": [{"name": n, "wemask": c.__dict__ if c else None} for n, c in cases.items()]}
+           "cases": [{"name": n, "wemask": c.__dict__ if c else None,
+                      "route": "hf_overrides" if "model config" in n else None} for n, c in cases.items()]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     _run_vllm([str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
               VLLM_ENABLE_V1_MULTIPROCESSING="0")

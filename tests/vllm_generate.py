@@ -4,7 +4,9 @@ an engine is built only under ``if __name__ == "__main__"``, never inside pytest
     python tests/vllm_generate.py JOB.json OUT.json
 
 JOB: {"model": folder, "prompts": [[token ids]], "max_tokens": n, "engine": {LLM kwargs},
-      "cases": [{"name": ..., "wemask": WeMaskConfig fields (resolved) or null}]}
+      "cases": [{"name": ..., "wemask": WeMaskConfig fields (resolved) or null, "route": "hf_overrides"?}]}
+A case with route "hf_overrides" carries the mask in the model config instead of additional_config (the route of an
+``LLM(...)`` melayer does not build: TRL's, with "melayer_wemask" in config.json).
 OUT: {name: {"ids": [[generated ids]], "workers": [each worker's model class and mask], "start_s": s, "generate_s": s}}
 One engine per case, built with melayer.vllm_backend's kwargs (greedy decoding), shut down before the next.
 """
@@ -20,7 +22,7 @@ def main(job_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from melayer.masking import WeMaskConfig
-    from melayer.vllm_backend import engine_kwargs, wemask_entry
+    from melayer.vllm_backend import KEY, engine_kwargs, wemask_entry
     from melayer.vllm_backend.lm_eval_model import WORKER_EXTENSION
 
     job = json.load(open(job_path))
@@ -29,6 +31,8 @@ def main(job_path: str, out_path: str) -> None:
         entry = wemask_entry(WeMaskConfig(**case["wemask"])) if case["wemask"] else None
         kwargs = engine_kwargs(entry, {"model": job["model"], "worker_extension_cls": WORKER_EXTENSION,
                                        **job["engine"]}, torch.cuda.is_available())
+        if case.get("route") == "hf_overrides":
+            kwargs["hf_overrides"] = {KEY: kwargs.pop("additional_config")[KEY]}
         t0 = time.time()
         llm = LLM(**kwargs)
         t1 = time.time()

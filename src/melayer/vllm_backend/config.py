@@ -7,8 +7,6 @@ key, so a graph compiled with a mask is never reused without it (and the reverse
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Optional
 
 from ..errors import MelayerError
@@ -55,12 +53,13 @@ def wemask_entry(config: Optional[WeMaskConfig]) -> Optional[dict]:
 
 
 def architecture(location) -> str:
-    """The architecture vLLM will build from a model folder (its config.json)."""
-    path = Path(location) / "config.json"
+    """The architecture vLLM will build from a model folder or hub id (its config's first ``architectures``)."""
+    from transformers import AutoConfig
+
     try:
-        archs = json.loads(path.read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, json.JSONDecodeError) as e:
-        raise MelayerError(f"cannot read {path}: {e}") from None
+        archs = AutoConfig.from_pretrained(location).architectures or []
+    except (OSError, ValueError) as e:
+        raise MelayerError(f"cannot read the config of {location}: {str(e).splitlines()[0]}") from None
     return str(archs[0]) if archs else "?"
 
 

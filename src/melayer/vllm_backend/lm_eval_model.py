@@ -93,7 +93,7 @@ class MelayerVLLM(LoggedLM, VLLM):
         import torch
 
         self.spec = str(pretrained)
-        location = local_location(pretrained)[1]
+        self.location = location = local_location(pretrained)[1]  # a GGUF: melayer's dequantised folder
         self.model_shape = model_shape(location)  # (blocks, hidden size)
         self._on_gpu = torch.cuda.is_available()
         self._dtype = dtype
@@ -117,7 +117,7 @@ class MelayerVLLM(LoggedLM, VLLM):
         scan_dtype = None if self._dtype == "auto" else self._dtype
         entry = wemask_entry(resolve_wemask(config, self.spec, dtype=scan_dtype))
         if entry is not None:
-            _check_plugin(check_architecture(local_location(self.spec)[1]))
+            _check_plugin(check_architecture(self.location))
             WeMaskConfig(**entry).resolve_layers(self.model_shape[0])  # blocks outside the model: one-line error
         return entry
 
