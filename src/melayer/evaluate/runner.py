@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,7 @@ def _evaluate(lm, tm, cfg: EvalConfig, tasks: list[str], chat: bool, cond: Condi
 
     folder = out / LM_EVAL_DIR / cond.folder
     tracker = EvaluationTracker(output_path=str(folder))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices would drown melayer's progress
     res = simple_evaluate(model=lm, model_args={"pretrained": cfg.model, "wemask": cond.key}, tasks=tasks,
                           task_manager=tm, samples=subset, log_samples=True, apply_chat_template=chat,
                           gen_kwargs=cfg.gen_kwargs() or None, bootstrap_iters=0, random_seed=cfg.seed,
