@@ -38,7 +38,7 @@ from ..masking import WeMaskConfig, WeMaskHandle, apply_wemask, parse_layers
 from ..provenance import model_source, remember_source
 from ..report import progress
 from ..text import eos_ids
-from .responses import ResponseLog, request_key
+from .responses import MissingAnswers, ResponseLog, request_key
 
 def resolve_device(device: Optional[str]) -> str:
     """HFLM's rule for one device: a device that exists is used as given; anything else (lm-eval's default
@@ -69,7 +69,7 @@ class _Logged:
         keys = [request_key(kind, r.args) for r in requests]
         todo = [i for i, k in enumerate(keys) if not self.log.has(self.cond, k)]
         if todo and compute is None:
-            raise MelayerError(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
+            raise MissingAnswers(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
                                "logged answer: run without --score-only to compute them")
         size = self.chunk[kind] if kind != "generate_until" else 2 * int(getattr(self, "batch_size", 1) or 1)
         bar = progress(None, desc=f"{kind} @ {self.cond}", total=len(todo), disable=not todo, unit="req")

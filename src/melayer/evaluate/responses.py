@@ -6,9 +6,14 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import MelayerError
 from ..io import JsonlLog
 
 RESPONSES_NAME = "responses.jsonl"
+
+
+class MissingAnswers(MelayerError):
+    """Rescoring met requests the log has no answer for: a condition the run did not finish."""
 
 
 def request_key(kind: str, args) -> str:

@@ -24,7 +24,7 @@ from ..io import atomic_write_json, read_config_json
 from ..masking import MODES, WeMaskConfig
 from ..provenance import write_record
 from ..report import say
-from .responses import RESPONSES_NAME, ResponseLog
+from .responses import RESPONSES_NAME, MissingAnswers, ResponseLog
 from . import scorers
 from .protocols import DEFAULT_DTYPE, DEFAULT_MODES, PROTOCOLS, TaskSetting, deviations, task_setting
 
@@ -39,7 +39,7 @@ class EvalConfig:
     """One ``melayer eval`` run; saved as ``eval_config.json`` next to its results."""
 
     model: str = "default"
-    tasks: list[str] = field(default_factory=lambda: ["melayer_gsm8k"])  # any lm-eval task, group or tag
+    tasks: Optional[list[str]] = field(default_factory=lambda: ["melayer_gsm8k"])  # lm-eval tasks, groups, tags
     include_path: list[str] = field(default_factory=list)  # folders of extra lm-eval task YAMLs
     protocol: str = "clean"  # clean | paper (see protocols.py); every field below overrides its preset
     wemask_rates: Optional[list[float]] = None  # None: [0], or [0, saved rate] for a model saved with WeMask
@@ -59,12 +59,12 @@ class EvalConfig:
     engine: str = "auto"
     compile: bool = False
     refusal_classifier: str = "prefix"  # the refusal tasks' `refusal` metric (see scorers.REFUSAL_CLASSIFIERS)
-    score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed
+    score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed (see RESCORE_FIELDS)
     device: Optional[str] = None
     dtype: Optional[str] = None  # None: the protocol's
 
     def validate(self) -> None:
-        if not self.tasks:
+        if not self.tasks and not self.score_only:
             raise MelayerError("--tasks: give at least one task")
         if self.protocol not in PROTOCOLS:
             raise MelayerError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
@@ -207,6 +207,9 @@ def _resolve_me_layer(cfg: EvalConfig, lm) -> Optional[int]:
     return int(find_me_layer(lm.model, lm.tokenizer))
 
 
+RESCORE_FIELDS = ("tasks", "wemask_rates", "wemask_layers", "limit")  # --score-only: given ones pick part of the sweep
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 
 def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
@@ -217,9 +220,12 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MelayerError(f"--out {out} is a file, not a folder")
-    if cfg.score_only:  # the last generating command's sweep, rescored from its logged answers
+    if cfg.score_only:  # the last generating command's sweep (or the part of it cfg names), from its logged answers
         saved = EvalConfig(**read_config_json(EvalConfig, out, CONFIG_NAME, "eval config"))
-        cfg = dataclasses.replace(saved, score_only=True, out=cfg.out, data_dir=cfg.data_dir or saved.data_dir)
+        given = {f: getattr(cfg, f) for f in RESCORE_FIELDS if getattr(cfg, f)}
+        cfg = dataclasses.replace(saved, score_only=True, out=cfg.out, data_dir=cfg.data_dir or saved.data_dir,
+                                  **given)
+        cfg.validate()
     tm = task_manager(cfg)
     settings = cfg.settings()
     counts = resolve_tasks(tm, sorted({s.task for s in settings}))
@@ -242,7 +248,10 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
         else:
             lm.set_condition(wemask, cond.key)
         say(f"{', '.join(tasks)} @ {cond.key}{'' if chat else ' (no chat template)'}")
-        _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
+        try:
+            _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
+        except MissingAnswers as e:  # an interrupted sweep: what finished is still scored
+            say(f"skipped {', '.join(tasks)} @ {cond.key}: {e}")
     if not cfg.score_only:
         lm.set_condition(None)
         write_record(out, lm.model, data.files_read())
