@@ -419,7 +419,8 @@ def refusal_data(tmp_path_factory, data_dir):
     return path
 
 
-def test_build_preferences_masks_sampling_seeds_per_prompt_and_records(tmp_path, refusal_data, tokenizer):
+def test_build_preferences_masks_sampling_seeds_per_prompt_and_records(tmp_path, refusal_data, tokenizer,
+                                                                       monkeypatch):
     from melayer.training.preferences import (CONFIG_NAME, REFERENCE_REFUSAL, PreferenceConfig, build_preferences,
                                               check_preference_rows, write_preferences)
 
@@ -449,9 +450,13 @@ def test_build_preferences_masks_sampling_seeds_per_prompt_and_records(tmp_path,
                                         "skipped": {"good_but_truncated": 2}}
     assert [r["chosen"][0]["content"] for r in rows] == [REFERENCE_REFUSAL] * 2
     check_preference_rows(rows, "built")
-    # seeded per prompt: the first prompts' pairs do not depend on how many prompts follow
-    fewer, _ = build_preferences(model, tokenizer, dataclasses.replace(cfg, limit=1, max_prompts=1))
-    assert fewer == rows[:1]
+    # seeded per prompt: the same prompts sampled in the opposite order give the very same pairs
+    from melayer.training import preferences
+
+    first = preferences.prompt_items(cfg)[:4]
+    monkeypatch.setattr(preferences, "prompt_items", lambda c: list(reversed(first)))
+    reordered, _ = build_preferences(model, tokenizer, cfg)
+    assert sorted(reordered, key=lambda r: r["id"]) == sorted(rows, key=lambda r: r["id"])
     out = write_preferences(rows, built, tmp_path / "pairs.jsonl")
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
@@ -465,17 +470,17 @@ def test_build_preferences_masks_sampling_seeds_per_prompt_and_records(tmp_path,
 # -- truncation at max_length, counted as TRL does it ------------------------------------------------------------
 
 def test_sft_counts_truncated_and_dropped_rows_like_trl(tmp_path, short_data, tokenizer):
-    # the four rows' prompts take 60, 67, 70 and 73 tokens, prompt + answer 104-111: at 71, one prompt fills
-    # max_length alone (TRL drops the row) and the three others lose the end of their answers
-    cfg = _tiny_cfg(tmp_path, short_data, max_length=71, save_steps=0)
-    with pytest.warns(UserWarning, match=r"3 of 4 training rows .* 1 more"):
+    # the four rows' prompts take 60, 67, 70 and 73 tokens, prompt + answer 104-111: at 70, two prompts fill
+    # max_length alone (TRL drops those rows; 70 is the boundary case) and the two others lose their answers' ends
+    cfg = _tiny_cfg(tmp_path, short_data, max_length=70, save_steps=0)
+    with pytest.warns(UserWarning, match=r"2 of 4 training rows .* 2 more"):
         result = train(cfg, model=tiny_chat_model(tokenizer), tokenizer=tokenizer, keep_trainer=True)
     prepared = result.trainer.train_dataset  # what TRL actually trains on
-    assert len(prepared) == 4 - 1
-    assert [len(ids) for ids in prepared["input_ids"]] == [71] * 3
-    assert (result.data_stats["rows_truncated"], result.data_stats["rows_dropped"]) == (3, 1)
+    assert len(prepared) == 4 - 2
+    assert [len(ids) for ids in prepared["input_ids"]] == [70] * 2
+    assert (result.data_stats["rows_truncated"], result.data_stats["rows_dropped"]) == (2, 2)
     report = json.loads((tmp_path / "run" / "train_report.json").read_text())["summary"]
-    assert (report["rows"], report["rows_truncated"], report["rows_dropped"]) == (4, 3, 1)
+    assert (report["rows"], report["rows_truncated"], report["rows_dropped"]) == (4, 2, 2)
 
 
 # -- DPO ----------------------------------------------------------------------------------------------------------
@@ -616,9 +621,10 @@ def test_dpo_cli_builds_on_policy_pairs_checkpoints_with_mask_and_resumes(tmp_pa
     with apply_wemask(model, saved_wemask(model)) as h:
         assert (h.layers, h.k, h.config.rate) == ([TINY_TARGET], 6, RATE)
     assert TrainConfig.load(ckpt).algo == "dpo"
-    pairs_before = (out / "preferences.jsonl").read_bytes()
+    before = (out / "preferences.jsonl").stat()
     dpo_cli(out, "--max-steps", "3", "--resume")
-    assert (out / "preferences.jsonl").read_bytes() == pairs_before  # the same pairs, not sampled again
+    after = (out / "preferences.jsonl").stat()  # a rebuild would replace the file (atomic write: a new inode)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # reused, not sampled again
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
     report = json.loads((out / "train_report.json").read_text())["summary"]
     assert report["pairs"] == len(pairs) and report["ref_tokens_masked"] > 0
@@ -666,3 +672,28 @@ def test_dpo_two_steps_on_the_default_model_checkpoint_reloads_with_mask(tmp_pat
     reloaded, _ = load_model(tmp_path / "run" / "checkpoint-2", device="cpu")
     with apply_wemask(reloaded, saved_wemask(reloaded)) as h:
         assert h.layers == [12] and h.k == 5
+
+
+def test_data_preferences_cli_writes_a_set_trl_reads(tmp_path, tiny_dir, short_data):
+    from datasets import load_dataset
+    from trl.data_utils import is_conversational
+
+    from melayer.cli import main
+    from melayer.evaluate.scorers import extract_gsm8k, numbers_equal
+
+    out = tmp_path / "sets" / "gsm8k.jsonl"
+    assert main(["data", "preferences", str(tiny_dir), "--source", "gsm8k", "--data-dir", str(short_data), "--n", "2",
+                 "--limit", "2", "--max-new-tokens", "4", "--fill", "reference", "--seed", "5", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    rows = load_dataset("json", data_files=str(out), split="train")
+    assert len(rows) == 2 and is_conversational(rows[0])
+    gold = {r["id"]: r for r in load_gsm8k(short_data, "train")}
+    for row in rows:  # a random tiny model never gets GSM8K right: the gold solution is chosen, its sample rejected
+        answer = gold[row["id"]]["answer"]
+        assert row["chosen_from"] == "reference" and row["rejected_from"] == "sample"
+        assert numbers_equal(extract_gsm8k(row["chosen"][0]["content"]), answer.split("####")[-1].strip())
+        assert row["prompt"][0]["content"].startswith(gold[row["id"]]["question"])
+    config = json.loads((out.parent / "preferences_config.json").read_text())
+    assert (config["judge"], config["seed"], config["n"], config["splits"]) == ("gsm8k_exact", 5, 2,
+                                                                                ["gsm8k/train.jsonl"])
+    assert config["counts"]["gsm8k"]["pairs"] == 2 and config["wemask"] is None
