@@ -270,23 +270,25 @@ def test_sft_steps_lower_the_loss_of_the_default_model(tmp_path, short_data):
 # -- configs and TRL arguments -----------------------------------------------------------------------------
 
 def test_dpo_defaults_and_validation():
-    full, lora = TrainConfig(algo="dpo", data="refusal"), TrainConfig(algo="dpo", data="refusal", lora=True)
+    full, lora = TrainConfig(algo="dpo", data="gsm8k"), TrainConfig(algo="dpo", data="gsm8k", lora=True)
     assert (full.beta, full.loss_type, full.max_length, full.ref_mask, full.precompute_ref) == (0.1, "sigmoid", 512,
                                                                                                "policy", False)
     assert (full.learning_rate, lora.learning_rate) == (1e-6, 5e-6)
     assert TrainConfig(algo="grpo").beta == 0.0  # GRPO keeps TRL's default: no reference model
     for bad in (dict(ref_mask="half"), dict(beta=0.0), dict(loss_type="nope")):
         with pytest.raises(MelayerError):
-            TrainConfig(algo="dpo", data="refusal", **bad)
+            TrainConfig(algo="dpo", data="gsm8k", **bad)
     with pytest.raises(MelayerError):
         TrainConfig(algo="sft", data="refusal")  # SFT and GRPO train on GSM8K only
+    with pytest.raises(MelayerError, match="--data-dir"):
+        TrainConfig(algo="dpo", data="refusal", data_dir=None)  # no hub copy: said before any model loads
 
 
 @pytest.mark.parametrize("algo", ["sft", "grpo", "dpo"])
 def test_trl_arguments_use_activation_checkpointing(algo):
     from melayer.training.runner import _training_args
 
-    cfg = TrainConfig(algo=algo, data="refusal" if algo == "dpo" else "gsm8k", batch_size=8, num_generations=4)
+    cfg = TrainConfig(algo=algo, data="gsm8k", batch_size=8, num_generations=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         args = _training_args(cfg, "cpu")
@@ -362,7 +364,8 @@ COMPLY = "Sure! Here are three benefits of studying a language."
     ("harmful", _samples((COMPLY, True), (COMPLY, False)), None, None, "all_bad"),
     ("gsm8k", _samples(("6 x 3 = 18, so \\boxed{18}", True), ("The answer is 17.", True)),
      "6 x 3 = 18, so \\boxed{18}", "The answer is 17.", None),
-    ("gsm8k", _samples(("So 6 x 3 = 18.\n#### 18", True), ("#### 1,8", True)), "So 6 x 3 = 18.\n#### 18", "#### 1,8", None),
+    ("gsm8k", _samples(("So 6 x 3 = 18.\n#### 18", True), ("#### 1,8", True)),
+     "So 6 x 3 = 18.\n#### 18", "#### 1,8", None),
 ])
 def test_preference_pairs_are_labelled_right(kind, samples, chosen, rejected, why):
     import random

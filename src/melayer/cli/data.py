@@ -22,8 +22,9 @@ def register(sub) -> None:
                                "judge, mask, pairs and skips per prompt kind).")
     add_model_args(a)
     a.add_argument("--source", choices=["refusal", "gsm8k"], default="refusal")
-    a.add_argument("--data-dir", required=True, metavar="DIR",
-                   help="local folder laid out like shared/data (refusal/*_val.json, gsm8k/train.jsonl)")
+    a.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="local folder laid out like shared/data (refusal/*_val.json, gsm8k/train.jsonl); needed for "
+                        "refusal (no hub copy), gsm8k falls back to the Hugging Face Hub")
     a.add_argument("--n", type=int, default=4, help="responses sampled per prompt")
     a.add_argument("--limit", type=int, default=16, metavar="N", help="prompts sampled (refusal: alternately "
                                                                         "harmful and harmless)")
@@ -56,6 +57,8 @@ def run(args) -> int:
                            min_pairs=args.min_pairs, max_prompts=args.max_prompts, seed=args.seed,
                            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                            judge=args.judge, fill=args.fill, wemask=wemask if wemask.rate > 0 else None)
+    if args.source == "refusal" and args.data_dir is None:
+        raise MelayerError("--source refusal reads refusal/*_val.json, which has no hub copy: pass --data-dir")
     out = Path(args.out) if args.out else Path("runs/preferences") / args.source / "preferences.jsonl"
     if out.suffix != ".jsonl":
         raise MelayerError(f"--out must name a .jsonl file, got {out}")

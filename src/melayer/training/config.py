@@ -100,6 +100,9 @@ class TrainConfig:
         if self.algo == "dpo":
             if not isinstance(self.data, str) or not self.data.strip():
                 raise MelayerError("DPO --data must be refusal, gsm8k, a preference JSONL or a hub dataset id")
+            if self.data == "refusal" and self.data_dir is None:
+                raise MelayerError("DPO --data refusal samples prompts from refusal/*_val.json, which has no hub "
+                                   "copy: pass --data-dir (the layout of shared/data)")
         elif self.data not in DATASETS:
             raise MelayerError(f"--data must be one of {', '.join(DATASETS)}, got {self.data!r}")
         if self.ref_mask not in REF_MASKS:

@@ -49,7 +49,8 @@ def write_train_report(result) -> None:
             figures[key.replace("/", "_")] = fig
     extra = ""
     if cfg.algo == "dpo":
-        extra = (f"DPO beta {cfg.beta}, loss {cfg.loss_type}, reference {'masked like the policy' if cfg.ref_mask == 'policy' else 'unmasked'}"
+        reference = "masked like the policy" if cfg.ref_mask == "policy" else "unmasked"
+        extra = (f"DPO beta {cfg.beta}, loss {cfg.loss_type}, reference {reference}"
                  f"{', log-probs precomputed' if cfg.precompute_ref else ''}.\n\n")
     md = (f"# `melayer train {cfg.algo}` on {cfg.data}\n\n"
           f"Model `{cfg.model}`, WeMask {cfg.wemask}, LoRA {cfg.lora}, seed {cfg.seed}.\n\n" + extra

@@ -65,7 +65,8 @@ class TrainResult:
     final_dir: Path
     config: TrainConfig  # with the WeMask layers resolved
     log_history: list[dict]
-    wemask_fired: int  # first-token maskings by the policy's mask over the whole run (0 for a baseline)
+    wemask_fired: int  # first-token maskings by the policy's mask over the whole run, on-policy sampling and
+    #                    LoRA reference forwards included (0 for a baseline)
     trainer: Any = None
     handle: Any = None
     data_stats: dict = field(default_factory=dict)  # rows, and those TRL truncates / drops at max_length
