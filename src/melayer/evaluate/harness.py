@@ -31,7 +31,6 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import MelayerError
 from ..generation import GenerationConfig, generate_batch
 from ..load import local_location, saved_wemask, source_of
 from ..masking import WeMaskConfig, WeMaskHandle, apply_wemask, parse_layers
