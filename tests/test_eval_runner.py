@@ -121,6 +121,24 @@ def test_score_only_rescores_without_the_model(sweep, monkeypatch):
         [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary["results"]]
 
 
+def test_score_only_rescores_a_part_and_skips_unfinished_conditions(sweep, tmp_path):
+    """An interrupted sweep: one condition has no answers. Rescoring one task keeps the others' numbers exact."""
+    import shutil
+
+    src, summary = sweep
+    out = tmp_path / "partial"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("lm_eval"))
+    dropped = "0.1/paper/after_me"
+    rows = [r for r in _responses(out) if r["cond"] != dropped]
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = run_eval(EvalConfig(out=str(out), score_only=True, tasks=["melayer_mmlu"]))
+    got = {(r["task"], r["metric"], r["cond"]): r["value"] for r in again["results"]}
+    want = {(r["task"], r["metric"], r["cond"]): r["value"] for r in summary["results"]
+            if r["task"] == "melayer_mmlu" and r["cond"] != dropped}
+    assert got == want and want
+    assert not (out / "lm_eval" / "0.1_paper_after_me").exists()  # nothing half-written for the skipped one
+
+
 def test_checks_come_before_any_work(tiny, data_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(MelayerError, match="outside the model's 4 blocks"):  # a 30-block model's ME layer
