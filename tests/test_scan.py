@@ -176,6 +176,8 @@ def test_smollm2_me_layer_is_born_at_block_11(smollm2):
     assert any(e["start"] <= 2 <= e["end"] and 500 < e["peak"] < 1500 and e["end"] < me for e in transient)
     assert find_me_layer(model, tok) == 11
     assert find_me_layer(model) == 11  # cached
+    frame = report.to_pandas()  # one row per block, as the report's table
+    assert len(frame) == report.num_layers == 30 and frame["token0_max_abs"].idxmax() >= me
 
 
 @pytest.mark.real

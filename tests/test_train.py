@@ -217,6 +217,12 @@ def test_grpo_step_masks_every_rollout_and_checkpoint_reloads_mask(tmp_path, sho
         assert (h.layers, h.k, h.config.rate, h.config.me_layer) == ([TINY_TARGET], 6, RATE, TINY_ME_LAYER)
     saved = TrainConfig.load(ckpt)
     assert saved.algo == "grpo" and saved.wemask.layers == [TINY_TARGET]
+    # a user of plain transformers reads the mask in config.json and in the final model card
+    for folder in (ckpt, tmp_path / "run" / "final"):
+        assert json.loads((folder / "config.json").read_text())["melayer_wemask"] == \
+            json.loads((folder / "wemask_config.json").read_text())
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "Trained with WeMask" in card and f"rate {RATE:g}" in card and f"blocks [{TINY_TARGET}]" in card
 
 
 def _merged_weights(folder):

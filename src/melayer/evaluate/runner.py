@@ -16,7 +16,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from .. import data
 from ..errors import MelayerError
@@ -27,6 +27,9 @@ from ..report import say
 from .responses import RESPONSES_NAME, MissingAnswers, ResponseLog
 from . import scorers
 from .protocols import DEFAULT_DTYPE, DEFAULT_MODES, PROTOCOLS, TaskSetting, deviations, task_setting
+
+if TYPE_CHECKING:
+    from .summary import EvalSummary
 
 CONFIG_NAME = "eval_config.json"
 LM_EVAL_DIR = "lm_eval"
@@ -212,7 +215,7 @@ RESCORE_FIELDS = ("tasks", "wemask_rates", "wemask_layers", "limit")  # --score-
 
 # -- the run -------------------------------------------------------------------------------------------------------
 
-def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     """Run (or resume, or rescore) ``cfg`` and return the summary."""
     from .summary import summarise_folder
 

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MelayerError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, atomic_write_text
 from ..report import say
 from ..load import load_model
 from ..masking import active_wemasks, apply_wemask
@@ -98,6 +98,31 @@ def save_loadable(model, tokenizer, directory: Path, cfg: TrainConfig) -> None:
 def write_run_configs(directory: Path, cfg: TrainConfig) -> None:
     cfg.wemask.save(directory)
     cfg.save(directory)
+
+
+MODEL_CARD_TITLE = "## Trained with WeMask"
+
+
+def write_model_card(directory: Path, cfg: TrainConfig) -> None:
+    """State in the folder's README.md (the model card) that the weights expect their mask at inference.
+
+    Plain ``transformers`` loads the weights without it and has no hook to warn, so the card (and the
+    ``melayer_wemask`` entry of ``config.json``) is where a user of the bare checkpoint reads it.
+    """
+    if cfg.wemask.rate <= 0:
+        return
+    w = cfg.wemask
+    card = (f"{MODEL_CARD_TITLE}\n\nThis model was fine-tuned ({cfg.algo}) with WeMask: rate {w.rate:g} (top-k dims of the "
+            f"first token's normalised hidden state zeroed at the attention input), mode `{w.mode}`, blocks {w.layers} "
+            f"(ME layer {w.me_layer}, 0-based). It was trained with the mask in every forward, so evaluate it with "
+            f"the mask too:\n\n```python\nimport melayer\nmodel, tok = melayer.load_model(\"<this folder>\")\n"
+            f"handle = melayer.apply_wemask(model, melayer.saved_wemask(model))\n```\n\nor `melayer eval <this folder>` "
+            f"(it compares rate 0 with the saved mask). Loaded with plain `transformers`, the model runs *without* it. The mask's "
+            f"settings: `wemask_config.json` and `config.json` → `melayer_wemask`.\n")
+    path = Path(directory) / "README.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if MODEL_CARD_TITLE not in text:
+        atomic_write_text(path, (text.rstrip() + "\n\n" if text.strip() else "") + card)
 
 
 def mark_complete(directory: Path, step: int) -> None:
@@ -507,6 +532,8 @@ def _train(cfg: TrainConfig, model, tokenizer, keep_trainer: bool) -> TrainResul
                                                  task_type="CAUSAL_LM"))
     handle = apply_wemask(model, cfg.wemask, tokenizer=tokenizer)
     cfg = dataclasses.replace(cfg, wemask=handle.config)  # layers (and ME layer) resolved once, saved as such
+    if cfg.wemask.rate > 0:  # every config.json this run saves names its mask, for whoever loads it without melayer
+        model.config.melayer_wemask = dataclasses.asdict(cfg.wemask)
     ref_handle = None
     if reference is not None and (cfg.algo == "grpo" or cfg.ref_mask == "policy") and not active_wemasks(reference):
         ref_handle = apply_wemask(reference, cfg.wemask, tokenizer=tokenizer)  # resolved: no second ME scan
@@ -550,6 +577,7 @@ def _train(cfg: TrainConfig, model, tokenizer, keep_trainer: bool) -> TrainResul
     else:
         trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
+        write_model_card(final_dir, cfg)
         mark_complete(final_dir, trainer.state.global_step)
     result = TrainResult(out=Path(cfg.out), final_dir=final_dir, config=cfg,
                          log_history=list(trainer.state.log_history), wemask_fired=handle.fired,
