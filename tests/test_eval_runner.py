@@ -222,7 +222,7 @@ def test_sigkill_mid_run_then_resume_recomputes_and_loses_nothing(tiny, data_dir
     clean = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "clean")))
     assert {r["key"]: r["response"] for r in after} == {r["key"]: r["response"]
                                                          for r in _responses(tmp_path / "clean")}
-    assert clean["results"]
+    assert clean.results
 
 
 @pytest.mark.real

@@ -251,8 +251,15 @@ def test_cli_errors_are_one_line_and_leave_no_report(tmp_path, case):
         args += [str(tmp_path / "g"), "--out", str(out)]
         expect = "unsupported architecture 'gpt2'"
     elif case == "checksum":
-        fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        fake.write_bytes(b"GGUF not really")
+        import gguf
+
+        fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"  # a well-formed GGUF with the default model's name
+        writer = gguf.GGUFWriter(str(fake), "llama")
+        writer.add_block_count(1)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
         args += [str(fake), "--out", str(out)]
         expect = "GGUF checksum mismatch"
     elif case == "empty_prompts":
