@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "docs/results/bench_scan.json"))
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
+    p.add_argument("--profile", action="store_true", help="also print the ops that cost the capture most (profiler)")
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
@@ -146,6 +147,15 @@ def main() -> None:
                 sync()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with torch.no_grad(), profile(activities=activities) as prof:
+            hooked()
+            sync()
+        key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
     mem = {a: measure_memory(a, args.tokens, args.device, args.model) for a in ("capture", "hidden_states")}
     result = {
         "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),

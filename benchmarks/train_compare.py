@@ -2,7 +2,7 @@
 differs), then GSM8K test accuracy of both models through `melayer eval`, each with and without the mask.
 
 Resumable: a finished run (its final/ folder) is reused, an interrupted one resumes from its last
-checkpoint, and the evaluation resumes from its per-sample JSONL.
+checkpoint, and the evaluation resumes from its response log.
 
 GPU (bf16 autocast, fp32 master weights; one epoch):
     python benchmarks/train_compare.py --data-dir ../shared/data --out runs/train_compare
@@ -20,13 +20,16 @@ import time
 from pathlib import Path
 
 from melayer.evaluate import EvalConfig, run_eval
-from melayer.evaluate.runner import SAMPLES_NAME
+from melayer.evaluate.runner import Condition
+from melayer.evaluate.summary import load_folder, per_document
 from melayer.stats import paired_test
-from melayer.io import JsonlLog
 from melayer.report import console_table, markdown_table, new_figure, write_report
 from melayer.training import TrainConfig, train
 from melayer.training.runner import FINAL_DIR
 from melayer.masking import WeMaskConfig, parse_layers
+
+
+TASK = "melayer_gsm8k"
 
 
 def parse_args(argv=None):
@@ -67,20 +70,18 @@ def run_training(cfg: TrainConfig) -> tuple[Path, float]:
 
 def evaluate(final: Path, out: Path, mask: WeMaskConfig, args) -> dict:
     """GSM8K test accuracy of one trained model at eval rates 0 and the trained rate (same items)."""
-    cfg = EvalConfig(model=str(final), tasks=["gsm8k"], wemask_rates=[0.0, mask.rate], wemask_modes=[mask.mode],
-                     wemask_layers=mask.layers, me_layer=mask.me_layer, limit=args.eval_limit, seed=args.seed,
+    cfg = EvalConfig(model=str(final), tasks=[TASK], wemask_rates=[0.0, mask.rate], wemask_modes=[mask.mode],
+                     wemask_layers=[mask.layers], me_layer=mask.me_layer, limit=args.eval_limit, seed=args.seed,
                      data_dir=args.data_dir, out=str(out), batch_size=args.eval_batch_size,
                      max_new_tokens=args.max_new_tokens, device=args.device)
     return run_eval(cfg)
 
 
-def scores(eval_out: Path) -> dict[str, dict[str, float]]:
-    """cond -> item id -> exact match, from the evaluation's per-sample log."""
-    table: dict[str, dict[str, float]] = {}
-    for row in JsonlLog(eval_out / SAMPLES_NAME):
-        if row.get("metrics"):
-            table.setdefault(row["cond"], {})[row["item_id"]] = float(row["metrics"]["exact_match"][0])
-    return table
+def scores(eval_out: Path) -> dict[str, dict]:
+    """cond -> document -> exact match, from the evaluation's lm-eval samples."""
+    _, samples, _ = load_folder(eval_out)
+    return {cond: {doc: num / den for doc, (num, den) in per_document(rows)["exact_match"].items()}
+            for (cond, task), rows in samples.items() if task == TASK}
 
 
 def loss_curve(final: Path) -> list[tuple[int, float]]:
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
         evaluate(finals[name], out / name / "eval", mask, args)
     table = {name: scores(out / name / "eval") for name in runs}
 
-    cond_r = "0" if mask.rate == 0 else f"{mask.rate:g}/{mask.mode}"
+    layers = mask.layers if isinstance(mask.layers, str) else tuple(mask.layers)
+    cond_r = Condition(mask.rate, mask.mode, layers).key
     rows, acc = [], {}
     for name in runs:
         for cond, label in (("0", "no mask"), (cond_r, f"WeMask {mask.rate:g}")):

@@ -71,7 +71,7 @@ def test_every_condition_sees_the_same_documents_and_the_mask_acts(sweep):
 def test_report_is_recomputed_from_lm_eval_samples(sweep):
     out, summary = sweep
     _, samples, _ = load_folder(out)
-    res = {(r["task"], r["metric"], r["cond"]): r for r in summary["results"]}
+    res = {(r["task"], r["metric"], r["cond"]): r for r in summary.results}
     acc0 = [s["acc"] for s in samples["0", "melayer_mmlu"]]
     assert res["melayer_mmlu", "acc", "0"]["value"] == pytest.approx(sum(acc0) / 3)
     pages = samples["0", "melayer_wikitext2"]
@@ -80,7 +80,7 @@ def test_report_is_recomputed_from_lm_eval_samples(sweep):
     assert w["value"] == pytest.approx(ppl) and not w["higher_is_better"] and w["ci"][0] <= ppl <= w["ci"][1]
     assert res["melayer_xstest_safe", "refusal", "0"]["higher_is_better"] is False
     assert res["melayer_mmlu", "acc", "0.1/paper/after_me"]["mcnemar_p"] is not None
-    compared = [r for r in summary["results"] if "diff" in r]
+    compared = [r for r in summary.results if "diff" in r]
     raw = [r["mcnemar_p"] if r["mcnemar_p"] is not None else max(r["bootstrap_p"], 1 / stats.N_BOOT)
            for r in compared]
     assert [r["holm_p"] for r in compared] == pytest.approx(stats.holm(raw))
@@ -107,6 +107,19 @@ def test_outputs_are_lm_eval_readable(sweep):
     assert record["versions"]["lm_eval"] and any("gsm8k/test.jsonl" in f for f in record["data"])
 
 
+def test_summary_object_matches_the_files_it_saves(sweep, tmp_path):
+    import csv
+
+    out, summary = sweep
+    frame = summary.to_pandas()
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(frame) == len(rows) == len(summary.results)
+    assert [round(float(r["value"]), 6) for r in rows] == [round(v, 6) for v in frame["value"]]
+    paths = summary.save(tmp_path / "copy")
+    assert json.loads(paths["json"].read_text())["results"] == json.loads((out / "report.json").read_text())["results"]
+
+
 def test_score_only_rescores_without_the_model(sweep, monkeypatch):
     import transformers
 
@@ -117,8 +130,26 @@ def test_score_only_rescores_without_the_model(sweep, monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
     again = run_eval(EvalConfig(out=str(out), score_only=True))
-    assert [(r["task"], r["metric"], r["cond"], r["value"]) for r in again["results"]] == \
-        [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary["results"]]
+    assert [(r["task"], r["metric"], r["cond"], r["value"]) for r in again.results] == \
+        [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary.results]
+
+
+def test_score_only_rescores_a_part_and_skips_unfinished_conditions(sweep, tmp_path):
+    """An interrupted sweep: one condition has no answers. Rescoring one task keeps the others' numbers exact."""
+    import shutil
+
+    src, summary = sweep
+    out = tmp_path / "partial"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("lm_eval"))
+    dropped = "0.1/paper/after_me"
+    rows = [r for r in _responses(out) if r["cond"] != dropped]
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = run_eval(EvalConfig(out=str(out), score_only=True, tasks=["melayer_mmlu"]))
+    got = {(r["task"], r["metric"], r["cond"]): r["value"] for r in again.results}
+    want = {(r["task"], r["metric"], r["cond"]): r["value"] for r in summary.results
+            if r["task"] == "melayer_mmlu" and r["cond"] != dropped}
+    assert got == want and want
+    assert not (out / "lm_eval" / "0.1_paper_after_me").exists()  # nothing half-written for the skipped one
 
 
 def test_checks_come_before_any_work(tiny, data_dir, tmp_path):
@@ -133,7 +164,7 @@ def test_checks_come_before_any_work(tiny, data_dir, tmp_path):
     # the right layer in the same folder: nothing was written, so nothing refuses it
     summary = run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_xstest"], wemask_rates=[0.0, 0.1], limit=2,
                             wemask_modes=["correct"]))
-    assert {r["cond"] for r in summary["results"]} == {"0", "0.1/correct/after_me"}
+    assert {r["cond"] for r in summary.results} == {"0", "0.1/correct/after_me"}
     with pytest.raises(MelayerError, match="other settings .*dtype"):
         run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_xstest"], limit=2, dtype="bf16"))
 
@@ -142,7 +173,7 @@ def test_one_task_per_command_into_one_out_dir(tiny, data_dir, tmp_path):
     out = tmp_path / "multi"
     run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_mmlu"], wemask_modes=["correct"], limit=2))
     summary = run_eval(_cfg(tiny, out, data_dir, tasks=["melayer_advbench"], wemask_rates=[0.0], limit=2))
-    got = {(r["task"], r["cond"]) for r in summary["results"]}
+    got = {(r["task"], r["cond"]) for r in summary.results}
     assert got == {("melayer_mmlu", "0"), ("melayer_mmlu", "0.1/correct/after_me"), ("melayer_advbench", "0")}
 
 
@@ -156,7 +187,7 @@ def test_paper_protocol_runs_the_official_prompts_without_chat(tiny, data_dir, t
     assert prompt.endswith("Let's think step by step and output the final answer after \"####\".")
     assert "assistant:" not in prompt  # no chat template
     assert json.loads((out / "eval_config.json").read_text())["protocol"] == "paper"
-    assert "Protocol **paper**" in (out / "report.md").read_text() and summary["deviations"] == []
+    assert "Protocol **paper**" in (out / "report.md").read_text() and summary.deviations == []
 
 
 CHILD = """
@@ -191,7 +222,7 @@ def test_sigkill_mid_run_then_resume_recomputes_and_loses_nothing(tiny, data_dir
     clean = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "clean")))
     assert {r["key"]: r["response"] for r in after} == {r["key"]: r["response"]
                                                          for r in _responses(tmp_path / "clean")}
-    assert clean["results"]
+    assert clean.results
 
 
 @pytest.mark.real
@@ -205,5 +236,5 @@ def test_smollm2_sweep_end_to_end(data_dir, tmp_path):
     base = {r["key"]: r["response"][0] for r in rows if r["cond"] == "0"}
     masked = {r["key"]: r["response"][0] for r in rows if r["cond"] != "0"}
     assert min(abs(base[k] - masked[k]) for k in base) > 1e-4
-    res = {(r["task"], r["metric"], r["cond"]) for r in summary["results"]}
+    res = {(r["task"], r["metric"], r["cond"]) for r in summary.results}
     assert ("melayer_mmlu", "acc", "0") in res and ("melayer_mmlu", "acc", "0.01/correct/after_me") in res

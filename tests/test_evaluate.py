@@ -326,7 +326,7 @@ def test_loader_contents(data_dir):
     assert scorers.gsm8k_gold(data.load("gsm8k", data_dir)[0]["answer"]) == "18"  # Janet's ducks
     aime = data.load("aime", data_dir)
     assert len(aime) == 90 and {it["id"].split("_")[0] for it in aime} == {"2022", "2023", "2024"}
-    harmless = data.load("harmless_test", data_dir)
+    harmless = data.load("refusal_harmless_test", data_dir)
     assert len(harmless) > 100 and all(isinstance(it["prompt"], str) and it["prompt"] for it in harmless)
 
 

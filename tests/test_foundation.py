@@ -84,13 +84,17 @@ def test_capture_equals_output_hidden_states(family):
             flat = int(hb.argmax())
             assert (int(st.max_pos[b]), int(st.max_dim[b])) == divmod(flat, hb.shape[1])
             assert st.median_abs[b] == pytest.approx(float(hb.flatten().median()), rel=1e-6)
-            torch.testing.assert_close(st.first_abs[b], h[b, first].abs())
-            torch.testing.assert_close(st.rest_max_abs[b], hb[1:].amax(0))
+            torch.testing.assert_close(st.first[b], h[b, first])
+            others = real.clone()
+            others[first] = False
+            if delim[b] >= 0:
+                others[int(delim[b])] = False
+            torch.testing.assert_close(st.rest_max_abs[b], h[b, others].abs().amax(0))
             assert st.first_norm[b] == pytest.approx(float(h[b, first].norm()), rel=1e-5)
             assert st.rest_norm[b] == pytest.approx(float(h[b, real][1:].norm(dim=-1).mean()), rel=1e-5)
-            expected_delim = h[b, int(delim[b])].abs() if delim[b] >= 0 else torch.zeros(h.shape[-1])
-            torch.testing.assert_close(st.delim_abs[b], expected_delim)
-            assert st.first_abs.dtype == torch.float32
+            expected_delim = h[b, int(delim[b])] if delim[b] >= 0 else torch.zeros(h.shape[-1])
+            torch.testing.assert_close(st.delim[b], expected_delim)
+            assert st.first.dtype == torch.float32
 
 
 def test_capture_left_padding_matches_unbatched():
@@ -102,9 +106,9 @@ def test_capture_left_padding_matches_unbatched():
             real = mask[b].bool()
             alone = cap.run(ids[b:b + 1, real], mask[b:b + 1, real])
             for sb, sa in zip(batched, alone):
-                torch.testing.assert_close(sb.first_abs[b], sa.first_abs[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(sb.first[b], sa.first[0], rtol=1e-4, atol=1e-5)
                 torch.testing.assert_close(sb.median_abs[b], sa.median_abs[0], rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(sb.top_values[b], sa.top_values[0], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(sb.rest_max_abs[b], sa.rest_max_abs[0], rtol=1e-4, atol=1e-5)
 
 
 def test_capture_bf16_statistics_are_fp32_and_close():
@@ -112,7 +116,7 @@ def test_capture_bf16_statistics_are_fp32_and_close():
     ref = ResidualCapture(make_tiny("llama")).run(ids, mask)
     low = ResidualCapture(make_tiny("llama", dtype=torch.bfloat16)).run(ids, mask)
     for a, b in zip(ref, low):
-        assert b.first_abs.dtype == torch.float32 and b.median_abs.dtype == torch.float32
+        assert b.first.dtype == torch.float32 and b.median_abs.dtype == torch.float32
         torch.testing.assert_close(b.max_abs, a.max_abs, rtol=5e-2, atol=1e-3)
         torch.testing.assert_close(b.median_abs, a.median_abs, rtol=5e-2, atol=1e-3)
 

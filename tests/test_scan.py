@@ -176,6 +176,8 @@ def test_smollm2_me_layer_is_born_at_block_11(smollm2):
     assert any(e["start"] <= 2 <= e["end"] and 500 < e["peak"] < 1500 and e["end"] < me for e in transient)
     assert find_me_layer(model, tok) == 11
     assert find_me_layer(model) == 11  # cached
+    frame = report.to_pandas()  # one row per block, as the report's table
+    assert len(frame) == report.num_layers == 30 and frame["token0_max_abs"].idxmax() >= me
 
 
 @pytest.mark.real
@@ -249,8 +251,15 @@ def test_cli_errors_are_one_line_and_leave_no_report(tmp_path, case):
         args += [str(tmp_path / "g"), "--out", str(out)]
         expect = "unsupported architecture 'gpt2'"
     elif case == "checksum":
-        fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        fake.write_bytes(b"GGUF not really")
+        import gguf
+
+        fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"  # a well-formed GGUF with the default model's name
+        writer = gguf.GGUFWriter(str(fake), "llama")
+        writer.add_block_count(1)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
         args += [str(fake), "--out", str(out)]
         expect = "GGUF checksum mismatch"
     elif case == "empty_prompts":

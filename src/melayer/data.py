@@ -200,23 +200,6 @@ def load_harmbench(data_dir: Optional[Path]) -> list[dict]:
     return out
 
 
-def _refusal(data_dir: Optional[Path], name: str) -> list[dict]:
-    """Instruction-only prompts of the refusal-direction splits (``refusal/<name>.json``: ``[{"instruction"}]``)."""
-    if not data_dir:
-        raise MelayerError(f"the refusal prompt splits ({name}) are read from a local folder only: pass --data-dir")
-    path = _local(data_dir, f"refusal/{name}.json")
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise MelayerError(f"{path}: not valid JSON ({e})") from None
-    return [{"id": f"{name}-{i}", "prompt": r["instruction"]} for i, r in enumerate(rows)]
-
-
-def load_harmless_test(data_dir: Optional[Path]) -> list[dict]:
-    """Harmless instructions held out for evaluation (over-refusal); training data never uses this split."""
-    return _refusal(data_dir, "harmless_test")
-
-
 def load_wikitext2(data_dir: Optional[Path]) -> list[dict]:
     """The whole test split as one text (windows are cut after tokenisation)."""
     if data_dir:
@@ -226,11 +209,46 @@ def load_wikitext2(data_dir: Optional[Path]) -> list[dict]:
     return [{"id": "wiki.test", "text": text}]
 
 
+REFUSAL_KINDS = ("harmful", "harmless")
+REFUSAL_SPLITS = ("val", "test")
+
+
+def load_refusal(data_dir: Optional[Path], kind: str, split: str) -> list[dict]:
+    """Instruction-only prompts ``{"id", "prompt", "category"}`` of ``refusal/{kind}_{split}.json`` (the
+    refusal-direction sets: harmful vs harmless Alpaca instructions).
+
+    ``val`` (39 harmful, 6,264 harmless) is what training data is built from (``melayer data preferences``,
+    ``melayer train dpo --data refusal``); ``test`` (572 / 6,266) stays held out for evaluation. There is no hub
+    copy of these files: they need ``--data-dir``.
+    """
+    if kind not in REFUSAL_KINDS or split not in REFUSAL_SPLITS:
+        raise MelayerError(f"refusal prompts are {'/'.join(REFUSAL_KINDS)} x {'/'.join(REFUSAL_SPLITS)}, "
+                           f"got {kind}_{split}")
+    if data_dir is None:
+        raise MelayerError("the refusal prompt sets have no Hugging Face Hub copy: pass --data-dir (a folder with "
+                           "refusal/{harmful,harmless}_{val,test}.json, the layout of shared/data)")
+    path = _local(data_dir, f"refusal/{kind}_{split}.json")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MelayerError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str)
+                                             and r["instruction"].strip() for r in rows):
+        raise MelayerError(f"{path}: expected a JSON list of objects with a non-empty 'instruction'")
+    return [{"id": f"{kind}_{split}-{i}", "prompt": r["instruction"], "category": r.get("category")}
+            for i, r in enumerate(rows)]
+
+
+def _refusal_loader(kind: str, split: str) -> Callable[[Optional[Path]], list[dict]]:
+    return lambda data_dir: load_refusal(data_dir, kind, split)
+
+
 LOADERS: dict[str, Callable[[Optional[Path]], list[dict]]] = {
     "gsm8k": load_gsm8k, "gsm8k_train": load_gsm8k_train, "math500": load_math500, "aime24": load_aime24,
-    "aime": load_aime, "ifeval": load_ifeval, "harmless_test": load_harmless_test,
+    "aime": load_aime, "ifeval": load_ifeval,
     "mmlu": load_mmlu, "mmlu_dev": load_mmlu_dev, "xstest": load_xstest, "advbench": load_advbench,
     "harmbench": load_harmbench, "wikitext2": load_wikitext2,
+    **{f"refusal_{k}_{s}": _refusal_loader(k, s) for k in REFUSAL_KINDS for s in REFUSAL_SPLITS},
 }
 
 

@@ -86,3 +86,14 @@ def write_report(out_dir: str | Path, data: Mapping[str, Any], markdown: str,
     paths["markdown"] = atomic_write_text(out / f"{name}.md", markdown)
     paths["json"] = atomic_write_json(out / f"{name}.json", {"schema_version": SCHEMA_VERSION, **data})
     return paths
+
+
+def data_frame(rows: list[dict]):
+    """``rows`` as a pandas DataFrame (pandas is an optional dependency: the ``eval`` extra has it)."""
+    try:
+        import pandas as pd
+    except ImportError:
+        from .errors import MelayerError
+
+        raise MelayerError("to_pandas() needs pandas: pip install pandas") from None
+    return pd.DataFrame(rows)

@@ -14,7 +14,7 @@ from .adapters import adapter_for, base_model, model_type
 from .capture import LayerStats, ResidualCapture
 from .detect import Emergence, MassiveCriterion, Profile, emergence, prompt_events
 from .errors import MelayerError
-from .report import console_table, markdown_table, new_figure, progress as progress_bar, write_report
+from .report import console_table, data_frame, markdown_table, new_figure, progress as progress_bar, write_report
 from .prompt_sets import default_prompts
 from .provenance import model_source
 from .text import Prompt, encode, first_delimiter, left_pad, pad_id
@@ -52,6 +52,14 @@ class ScanReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def to_pandas(self):
+        """One row per block: max/median |h|, token-0 and other tokens' maxima, massive counts, top dims."""
+        return data_frame(self.layers)
+
+    def save(self, out_dir: str | Path, config: Optional["ScanConfig"] = None) -> dict:
+        """Write report.json, report.md and the plots to ``out_dir`` (what ``melayer scan --out`` writes)."""
+        return write_scan_report(self, out_dir, config or ScanConfig(criterion=self.criterion))
 
     @property
     def events(self) -> list[dict]:

@@ -1,6 +1,7 @@
 """The `melayer` command: the whole command-line layer, over the plain functions of the library.
 
-One module per command (``scan``, ``generate``, ``explain``, ``eval``, ``train``); shared flags in ``common``.
+One module per command (``scan``, ``generate``, ``explain``, ``eval``, ``train``, ``data``, ``cache``); shared
+flags in ``common``.
 A :class:`melayer.MelayerError` (bad input) prints one line and exits 2; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import warnings
 from .. import __version__
 from ..errors import MelayerError
 
-COMMANDS = ["scan", "generate", "explain", "eval", "train", "cache"]
+COMMANDS = ["scan", "generate", "explain", "eval", "train", "data", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:

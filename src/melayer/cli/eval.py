@@ -16,8 +16,8 @@ def register(sub) -> None:
                    "Evaluate a model on lm-eval tasks at several WeMask rates, on the same documents, and compare "
                    "every condition with rate 0 (paired tests, Holm correction).")
     add_model_args(p)
-    p.add_argument("--tasks", default="melayer_gsm8k",
-                   help="comma-separated lm-eval tasks, groups or tags; melayer's own: melayer_gsm8k, melayer_math500, "
+    p.add_argument("--tasks", default=None,
+                   help="(default: melayer_gsm8k) comma-separated lm-eval tasks, groups or tags; melayer's own: melayer_gsm8k, melayer_math500, "
                         "melayer_aime, melayer_aime24, melayer_ifeval, melayer_mmlu, melayer_mmlu_text, melayer_xstest, "
                         "melayer_advbench, melayer_harmbench, melayer_harmless, melayer_wikitext2 (and _paper "
                         "variants)")
@@ -63,15 +63,21 @@ def register(sub) -> None:
                    help="the refusal tasks' `refusal` metric: prefix (XSTest's string match) or substring (the GCG "
                         "list); `refusal_substring` is always reported too")
     p.add_argument("--score-only", action="store_true",
-                   help="rescore an existing --out from its logged answers (no model is loaded)")
+                   help="rescore an existing --out from its logged answers (no model is loaded): its last command's "
+                        "sweep, or the part --tasks, --wemask-rates, --wemask-layers, --limit name; unfinished "
+                        "conditions are skipped")
     p.set_defaults(handler=run)
 
 
 def config_from_args(args) -> EvalConfig:
     modes = [m.strip() for m in args.wemask_mode.split(",") if m.strip()] if args.wemask_mode else None
     layers = [parse_layers(s) for s in args.wemask_layers] if args.wemask_layers else None
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    else:
+        tasks = None if args.score_only else ["melayer_gsm8k"]
     return EvalConfig(
-        model=args.model, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        model=args.model, tasks=tasks,
         include_path=args.include_path, protocol=args.protocol,
         wemask_rates=parse_floats(args.wemask_rates, "--wemask-rates") if args.wemask_rates else None,
         wemask_modes=modes, wemask_layers=layers, me_layer=args.me_layer, limit=args.limit, seed=args.seed,

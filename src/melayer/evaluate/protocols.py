@@ -4,7 +4,7 @@ A protocol decides, per task, which lm-eval task runs (its prompt wording), whet
 which WeMask layer set applies, and, for the whole run, the masking mode and the precision:
 
 - ``clean``: the task as named, chat template on, WeMask on the block right after the ME layer, correct mode
-  (absolute position 0), the default precision (bf16 on a GPU, fp32 on a CPU).
+  (absolute position 0), the checkpoint's own precision (``torch_dtype="auto"``: fp32 for a dequantised GGUF).
 - ``paper``: the official code's prompts (GSM8K: "... Let's think step by step and output the final answer after
   \\"####\\"."; MATH-500 and AIME: "Please reason step by step and put your final answer within \\boxed{}." before
   the problem), no chat template for the math tasks, its generation lengths (GSM8K 128, MATH-500 1024, AIME 512
@@ -68,5 +68,5 @@ def deviations(protocol: str, tasks: list[str], chat: Optional[bool], layers, mo
     if modes is not None and modes != DEFAULT_MODES[protocol]:
         out.append(f"WeMask modes {modes} (preset: {DEFAULT_MODES[protocol]})")
     if dtype is not None and dtype != DEFAULT_DTYPE[protocol]:
-        out.append(f"dtype {dtype} (preset: {DEFAULT_DTYPE[protocol] or 'bf16 on a GPU, fp32 on a CPU'})")
+        out.append(f"dtype {dtype} (preset: {DEFAULT_DTYPE[protocol] or 'the checkpoint dtype'})")
     return out

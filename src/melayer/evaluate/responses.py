@@ -13,6 +13,10 @@ from ..report import progress
 RESPONSES_NAME = "responses.jsonl"
 
 
+class MissingAnswers(MelayerError):
+    """Rescoring met requests the log has no answer for: a condition the run did not finish."""
+
+
 def request_key(kind: str, args) -> str:
     """A stable id of one lm-eval request (its kind and arguments: prompt, continuation, generation settings)."""
     return hashlib.sha256(json.dumps([kind, list(args)], sort_keys=True, default=str).encode("utf-8")).hexdigest()
@@ -71,8 +75,8 @@ class LoggedLM:
         keys = [request_key(kind, r.args) for r in requests]
         todo = [i for i, k in enumerate(keys) if not self.log.has(self.cond, k)]
         if todo and compute is None:
-            raise MelayerError(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
-                               "logged answer: run without --score-only to compute them")
+            raise MissingAnswers(f"{len(todo)} of {len(requests)} {kind} requests of condition {self.cond!r} have no "
+                                 "logged answer: run without --score-only to compute them")
         size = self._chunk_size(kind)
         bar = progress(None, desc=f"{kind} @ {self.cond}", total=len(todo), disable=not todo, unit="req")
         for start in range(0, len(todo), size):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from .. import data
 from ..errors import MelayerError
@@ -28,9 +29,12 @@ from ..io import atomic_write_json, read_config_json
 from ..masking import MODES, WeMaskConfig
 from ..provenance import write_record
 from ..report import say
-from .responses import RESPONSES_NAME, ResponseLog
+from .responses import RESPONSES_NAME, MissingAnswers, ResponseLog
 from . import scorers
 from .protocols import DEFAULT_DTYPE, DEFAULT_MODES, PROTOCOLS, TaskSetting, deviations, task_setting
+
+if TYPE_CHECKING:
+    from .summary import EvalSummary
 
 CONFIG_NAME = "eval_config.json"
 LM_EVAL_DIR = "lm_eval"
@@ -47,7 +51,7 @@ class EvalConfig:
     """One ``melayer eval`` run; saved as ``eval_config.json`` next to its results."""
 
     model: str = "default"
-    tasks: list[str] = field(default_factory=lambda: ["melayer_gsm8k"])  # any lm-eval task, group or tag
+    tasks: Optional[list[str]] = field(default_factory=lambda: ["melayer_gsm8k"])  # lm-eval tasks, groups, tags
     include_path: list[str] = field(default_factory=list)  # folders of extra lm-eval task YAMLs
     protocol: str = "clean"  # clean | paper (see protocols.py); every field below overrides its preset
     wemask_rates: Optional[list[float]] = None  # None: [0], or [0, saved rate] for a model saved with WeMask
@@ -68,12 +72,12 @@ class EvalConfig:
     compile: bool = False
     vllm_args: dict = field(default_factory=dict)  # engine "vllm": LLM(...) arguments (tensor_parallel_size, ...)
     refusal_classifier: str = "prefix"  # the refusal tasks' `refusal` metric (see scorers.REFUSAL_CLASSIFIERS)
-    score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed
+    score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed (see RESCORE_FIELDS)
     device: Optional[str] = None
     dtype: Optional[str] = None  # None: the protocol's
 
     def validate(self) -> None:
-        if not self.tasks:
+        if not self.tasks and not self.score_only:
             raise MelayerError("--tasks: give at least one task")
         if self.protocol not in PROTOCOLS:
             raise MelayerError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
@@ -235,9 +239,12 @@ def _resolve_me_layer(cfg: EvalConfig, lm) -> Optional[int]:
     return int(find_me_layer(lm.model, lm.tokenizer))
 
 
+RESCORE_FIELDS = ("tasks", "wemask_rates", "wemask_layers", "limit")  # --score-only: given ones pick part of the sweep
+
+
 # -- the run -------------------------------------------------------------------------------------------------------
 
-def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     """Run (or resume, or rescore) ``cfg`` and return the summary."""
     from .summary import summarise_folder
 
@@ -245,9 +252,12 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MelayerError(f"--out {out} is a file, not a folder")
-    if cfg.score_only:  # the last generating command's sweep, rescored from its logged answers
+    if cfg.score_only:  # the last generating command's sweep (or the part of it cfg names), from its logged answers
         saved = EvalConfig(**read_config_json(EvalConfig, out, CONFIG_NAME, "eval config"))
-        cfg = dataclasses.replace(saved, score_only=True, out=cfg.out, data_dir=cfg.data_dir or saved.data_dir)
+        given = {f: getattr(cfg, f) for f in RESCORE_FIELDS if getattr(cfg, f)}
+        cfg = dataclasses.replace(saved, score_only=True, out=cfg.out, data_dir=cfg.data_dir or saved.data_dir,
+                                  **given)
+        cfg.validate()
     tm = task_manager(cfg)
     settings = cfg.settings()
     counts = resolve_tasks(tm, sorted({s.task for s in settings}))
@@ -272,7 +282,10 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> dict:
         else:
             lm.set_condition(wemask, cond.key)
         say(f"{', '.join(tasks)} @ {cond.key}{'' if chat else ' (no chat template)'}")
-        _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
+        try:
+            _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
+        except MissingAnswers as e:  # an interrupted sweep: what finished is still scored
+            say(f"skipped {', '.join(tasks)} @ {cond.key}: {e}")
     if not cfg.score_only:
         lm.set_condition(None)
         if cfg.engine == "vllm":  # no HF model to describe: vLLM's model info instead
@@ -369,6 +382,7 @@ def _evaluate(lm, tm, cfg: EvalConfig, tasks: list[str], chat: bool, cond: Condi
 
     folder = out / LM_EVAL_DIR / cond.folder
     tracker = EvaluationTracker(output_path=str(folder))
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices would drown melayer's progress
     res = simple_evaluate(model=lm, model_args={"pretrained": cfg.model, "wemask": cond.key}, tasks=tasks,
                           task_manager=tm, samples=subset, log_samples=True, apply_chat_template=chat,
                           gen_kwargs=cfg.gen_kwargs() or None, bootstrap_iters=0, random_seed=cfg.seed,

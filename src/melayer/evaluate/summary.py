@@ -12,16 +12,18 @@ condition, so ``lm_eval.utils.make_table`` reads it).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .. import stats
 from ..errors import MelayerError
 from ..io import atomic_write_json, atomic_write_text
-from ..report import console_table, markdown_table, new_figure, write_report
+from ..report import console_table, data_frame, markdown_table, new_figure, write_report
 
 LM_EVAL_DIR = "lm_eval"
 PERPLEXITY = {"word_perplexity", "byte_perplexity", "perplexity", "token_perplexity"}
@@ -237,10 +239,31 @@ def _csv_text(results: list[dict]) -> str:
     return buf.getvalue()
 
 
-def summarise_folder(out: Path, cfg, deviations: list[str]) -> dict:
-    """Pair, test and write the report of an eval out dir (every task and condition it holds)."""
-    import dataclasses
+@dataclass
+class EvalSummary:
+    """What ``melayer eval`` reports: per task, metric and condition, the score, its CI and the paired test."""
 
+    config: dict
+    weights: Optional[str]
+    deviations: list[str]
+    tasks: list[str]
+    conditions: list[str]
+    results: list[dict]  # one row per (task, metric, condition); see CSV_COLUMNS
+
+    def to_pandas(self):
+        """One row per task, metric and condition (the columns of ``summary.csv``)."""
+        return data_frame(self.results)
+
+    def save(self, out_dir: str | Path) -> dict:
+        """Write summary.csv, results.json (lm-eval's shape), report.json, report.md and the plot to ``out_dir``."""
+        atomic_write_text(Path(out_dir) / "summary.csv", _csv_text(self.results))
+        atomic_write_json(Path(out_dir) / "results.json", lm_eval_results(self.results))
+        return write_report(out_dir, dataclasses.asdict(self), markdown(dataclasses.asdict(self)),
+                            figures={"score_vs_rate": figure(self.results)})
+
+
+def summarise_folder(out: Path, cfg, deviations: list[str]) -> EvalSummary:
+    """Pair, test and write the report of an eval out dir (every task and condition it holds)."""
     conds, samples, results = load_folder(out)
     if not samples:
         raise MelayerError(f"{out} holds no lm-eval samples to summarise")
@@ -250,13 +273,11 @@ def summarise_folder(out: Path, cfg, deviations: list[str]) -> dict:
     if record.is_file():
         model = json.loads(record.read_text(encoding="utf-8")).get("model") or {}
         weights = f"{Path(model.get('location', cfg.model)).name} ({model.get('weights')})" if model else None
-    summary = {"config": dataclasses.asdict(cfg), "weights": weights, "deviations": deviations,
-               "tasks": sorted({r["task"] for r in rows}),
-               "conditions": [c for c in sorted(conds, key=lambda k: (conds[k]["rate"], k))
-                              if any(r["cond"] == c for r in rows)],
-               "results": rows}
-    atomic_write_text(Path(out) / "summary.csv", _csv_text(rows))
-    atomic_write_json(Path(out) / "results.json", lm_eval_results(rows))
-    write_report(out, summary, markdown(summary), figures={"score_vs_rate": figure(rows)})
+    summary = EvalSummary(config=dataclasses.asdict(cfg), weights=weights, deviations=deviations,
+                          tasks=sorted({r["task"] for r in rows}),
+                          conditions=[c for c in sorted(conds, key=lambda k: (conds[k]["rate"], k))
+                                      if any(r["cond"] == c for r in rows)],
+                          results=rows)
+    summary.save(out)
     console_table(f"melayer eval ({out})", TABLE_COLUMNS, _table_rows(rows))
     return summary

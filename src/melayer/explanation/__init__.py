@@ -21,7 +21,7 @@ from ..masking import LAYER_CHOICES
 from ..modelutils import device_of, hidden_size, num_layers
 from ..prompt_sets import explain_prompts
 from ..provenance import model_source
-from ..report import console_table, markdown_table, progress as progress_bar, write_report
+from ..report import console_table, data_frame, markdown_table, progress as progress_bar, write_report
 from ..text import read_prompts
 # the analyses register themselves on import, in the order they run and appear in the report
 from . import emergence, rmsnorm, ffn, ablate, propagate, rigidity, diversity, sinks, wemask_effects  # noqa: F401,I001
@@ -110,6 +110,16 @@ class ExplainResult:
 
     def claim(self, claim_id: str) -> Claim:
         return next(c for c in self.claims if c.id == claim_id)
+
+    def to_pandas(self):
+        """One row per claim: estimate, 95 % CI, n, threshold, verdict, scope."""
+        return data_frame([{"claim": c.id, "estimate": c.estimate, "ci_low": c.ci[0], "ci_high": c.ci[1], "n": c.n,
+                            "threshold": c.threshold, "verdict": c.verdict, "unit": c.unit, "scope": c.scope}
+                           for c in self.claims])
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write report.json, report.md, the plots and explain_config.json (what ``melayer explain`` writes)."""
+        return write(self, out_dir)
 
 
 def _inputs(tokenizer, config: ExplainConfig) -> Inputs:

@@ -1,7 +1,10 @@
 """Fine-tuning with WeMask active in every forward and every rollout (TRL + PEFT, optional dependencies).
 
-TRL (SFTTrainer, GRPOTrainer with HF generation) and PEFT (LoRA) are in ``requirements/train.txt``; they are
-imported only when a run starts.
+``train`` runs SFT or GRPO on GSM8K, or DPO on preference pairs (TRL's SFTTrainer, GRPOTrainer with HF
+generation, DPOTrainer; LoRA through PEFT), with the mask in every policy forward and, by default, in every
+reference forward (:mod:`melayer.training.runner`). :mod:`melayer.training.preferences` builds on-policy
+preference pairs without the hub (``melayer data preferences``). TRL and PEFT are in ``requirements/train.txt``;
+they are imported only when a run starts.
 """
 from __future__ import annotations
 

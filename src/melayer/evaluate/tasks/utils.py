@@ -107,7 +107,7 @@ def load_harmbench(data_dir=None, refusal_classifier="prefix", **_):
 
 def load_harmless(data_dir=None, refusal_classifier="prefix", **_):
     """The held-out harmless instructions (refusal/harmless_test.json): over-refusal on benign requests."""
-    return _refusal_rows(lambda: data.load("harmless_test", _dir(data_dir)), refusal_classifier)
+    return _refusal_rows(lambda: data.load("refusal_harmless_test", _dir(data_dir)), refusal_classifier)
 
 
 def refusal_process_results(doc, results):

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/results/explain.md and docs/results/rate_curve.md, as detached, resumable jobs.
+# Needs benchmarks/gpu/setup.sh sourced first (PYTHONPATH, MODEL_DIR). From the repository root:
+#   mkdir -p logs && setsid nohup bash benchmarks/gpu/science_jobs.sh smollm2 > logs/smollm2.log 2>&1 < /dev/null &
+# Jobs: smollm2, qwen25coder (scan, explain with 128 prompts, then the rate curves: each task at 10 rates x
+# {after_me, from_after_me} x {clean, paper}; an eval out dir resumes from its logged answers, and
+# `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan.
+# SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
+set -u
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|bench_scan}
+DATA_DIR=${DATA_DIR:-.carry/data}
+SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
+QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
+OUT=${OUT:-runs/gpu}
+RATES=0,0.005,0.01,0.02,0.05,0.1,0.25,0.5,0.75,1
+run() { echo "== $(date +%T) melayer $*"; python3 -m melayer.cli "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
+
+rates() {  # rates() MODEL NAME TASK LIMIT PROTOCOLS: the rate curve of one task, both layer sets
+  local model=$1 name=$2 task=$3 limit=$4 protocols=$5 extra=()
+  [ "$limit" = all ] || extra=(--limit "$limit")
+  for protocol in $protocols; do
+    run eval "$model" --protocol "$protocol" --tasks "$task" "${extra[@]}" --wemask-rates "$RATES" \
+      --wemask-layers after_me from_after_me --data-dir "$DATA_DIR" --batch-size 128 \
+      --out "$OUT/rates_${name}_${protocol}"
+  done
+}
+
+model_job() {  # everything for one model, cheapest first: scan, explain, then the rate curves task by task
+  local model=$1 name=$2
+  run scan "$model" --out "$OUT/scan_$name"
+  run explain "$model" --full --ppl-data-dir "$DATA_DIR" --ppl-tokens 16384 --out "$OUT/explain_$name"
+  rates "$model" "$name" melayer_wikitext2 12 clean  # 12 of the 62 articles: rolling perplexity is the slow part
+  rates "$model" "$name" melayer_mmlu 500 "clean paper"
+  rates "$model" "$name" melayer_xstest all "clean paper"
+  rates "$model" "$name" melayer_gsm8k 100 "clean paper"
+}
+
+case $job in
+smollm2) model_job "$SMOL_GGUF" smollm2 ;;
+qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
+bench_scan) python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
+              --out "$OUT/bench_scan_gpu.json" --profile ;;
+*) echo "unknown job $job" >&2; exit 2 ;;
+esac
+echo "== $(date +%T) job $job done"
