@@ -238,3 +238,63 @@ def test_smollm2_sweep_end_to_end(data_dir, tmp_path):
     assert min(abs(base[k] - masked[k]) for k in base) > 1e-4
     res = {(r["task"], r["metric"], r["cond"]) for r in summary.results}
     assert ("melayer_mmlu", "acc", "0") in res and ("melayer_mmlu", "acc", "0.01/correct/after_me") in res
+
+
+def _by_doc(samples: dict) -> dict:
+    """(condition, task, doc_id) -> the model's answers, numbers rounded (batches differ between shards)."""
+    def rounded(x):
+        if isinstance(x, (str, float)):
+            try:
+                return round(float(x), 4)  # lm-eval's samples hold log-likelihoods as strings
+            except ValueError:
+                return x
+        return [rounded(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return {(c, t, s["doc_id"]): rounded(s["resps"]) for (c, t), rows in samples.items() for s in rows}
+
+
+def test_shards_in_two_processes_merge_into_the_unsharded_sweep(sweep, tiny, data_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from melayer.evaluate import merge_shards
+    from melayer.evaluate.shards import parse_shard
+
+    out, whole = sweep
+    cfg = _cfg(tiny, out, data_dir)
+    shards = [tmp_path / f"shard{i}" for i in range(2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(dataclasses.asdict(
+        dataclasses.replace(cfg, out=str(folder), shard_index=i, num_shards=2)))], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i, folder in enumerate(shards)]
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    parts = [set(_by_doc(load_folder(folder)[1])) for folder in shards]
+    assert parts[0] and parts[1] and not parts[0] & parts[1]  # the shards split the documents
+    assert "**Shard 1 of 2**" in (shards[1] / "report.md").read_text()
+    merged = merge_shards([shards[1], shards[0]], tmp_path / "merged")
+    expected = _by_doc(load_folder(out)[1])
+    got = _by_doc(load_folder(tmp_path / "merged")[1])
+    assert parts[0] | parts[1] == set(expected) == set(got)
+    assert got == expected  # the same answers, document by document
+    scores = {(r["task"], r["metric"], r["cond"]): r["value"] for r in merged.results}
+    assert scores == pytest.approx({(r["task"], r["metric"], r["cond"]): r["value"] for r in whole.results},
+                                   rel=1e-4)
+    assert "Shard" not in (tmp_path / "merged" / "report.md").read_text()
+    record = json.loads((tmp_path / "merged" / "provenance.json").read_text())
+    assert [s["shard"] for s in record["shards"]] == ["0/2", "1/2"]
+    # what is not one sweep is refused in one line
+    with pytest.raises(MelayerError, match=r"needs shards 0/2 to 1/2, each once; got 0/2"):
+        merge_shards([shards[0]], tmp_path / "m1")
+    other = tmp_path / "other"
+    shutil.copytree(shards[1], other)
+    saved = json.loads((other / "eval_config.json").read_text())
+    (other / "eval_config.json").write_text(json.dumps({**saved, "seed": 7}))
+    with pytest.raises(MelayerError, match=r"is not a shard of .*seed: 1 vs 7"):
+        merge_shards([shards[0], other], tmp_path / "m2")
+    with pytest.raises(MelayerError, match="already holds responses.jsonl"):
+        merge_shards(shards, tmp_path / "merged")
+    assert parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "a/b", "1"):
+        with pytest.raises(MelayerError, match="--shard must be I/N"):
+            parse_shard(bad)

@@ -718,3 +718,41 @@ def test_data_preferences_cli_writes_a_set_trl_reads(tmp_path, tiny_dir, short_d
     assert (config["judge"], config["seed"], config["n"], config["splits"]) == ("gsm8k_exact", 5, 2,
                                                                                 ["gsm8k/train.jsonl"])
     assert config["counts"]["gsm8k"]["pairs"] == 2 and config["wemask"] is None
+
+
+CHILD_DDP = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import tiny_chat_model
+from melayer import load_model
+from melayer.masking import WeMaskConfig
+from melayer.training import TrainConfig, train
+
+tokenizer = load_model("default", device="cpu")[1]
+cfg = TrainConfig(out=sys.argv[1], data_dir=sys.argv[2], limit=4, max_steps=2, batch_size=1, max_length=320,
+                  warmup=0, logging_steps=1, save_steps=2, device="cpu", gradient_checkpointing=False,
+                  wemask=WeMaskConfig(rate={rate}, me_layer={me}))
+train(cfg, model=tiny_chat_model(tokenizer), tokenizer=tokenizer)
+"""
+
+
+def test_data_parallel_sft_masks_on_every_rank_and_saves_one_masked_model(tmp_path, short_data):
+    """Two processes (torchrun, gloo on the CPU), one row each per step: the two steps cover the four rows once,
+    the mask fires in both processes, and the final model is written once, with its mask."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(CHILD_DDP.format(tests=str(Path(__file__).parent), rate=RATE, me=TINY_ME_LAYER))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(out), str(short_data)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "train_report.json").read_text())
+    fired = report["summary"]["wemask_fired_per_rank"]
+    assert len(fired) == 2 and all(n > 0 for n in fired)  # each process's forwards were masked
+    assert max(float(h["epoch"]) for h in report["log_history"] if "epoch" in h) == pytest.approx(1.0)  # 2 x 2 rows
+    reloaded, _ = load_model(out / "final", device="cpu")
+    assert saved_wemask(reloaded).layers == [TINY_TARGET] and saved_wemask(reloaded).rate == RATE

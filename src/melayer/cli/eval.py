@@ -6,6 +6,7 @@ import argparse
 from ..errors import MelayerError
 from ..evaluate import PROTOCOLS, EvalConfig, run_eval
 from ..evaluate.runner import ENGINES
+from ..evaluate.shards import merge_shards, parse_shard
 from ..masking import MODES
 from .common import add_data_dir_arg, add_model_args, add_out_arg, add_parser, check_out_dir, parse_floats, \
     parse_layers
@@ -66,10 +67,17 @@ def register(sub) -> None:
                    help="rescore an existing --out from its logged answers (no model is loaded): its last command's "
                         "sweep, or the part --tasks, --wemask-rates, --wemask-layers, --limit name; unfinished "
                         "conditions are skipped")
+    g = p.add_argument_group("data parallel (one sweep over several processes, GPUs or nodes)")
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="evaluate shard I (0-based) of N: every N-th document of each task, in its own --out")
+    g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="join the folders of shards 0..N-1 of one sweep into --out and score the whole sweep (no "
+                        "model is loaded)")
     p.set_defaults(handler=run)
 
 
 def config_from_args(args) -> EvalConfig:
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
     modes = [m.strip() for m in args.wemask_mode.split(",") if m.strip()] if args.wemask_mode else None
     layers = [parse_layers(s) for s in args.wemask_layers] if args.wemask_layers else None
     if args.tasks is not None:
@@ -85,7 +93,8 @@ def config_from_args(args) -> EvalConfig:
         max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_p=args.top_p,
         engine=args.engine, compile=args.compile, vllm_args=parse_vllm_args(args.vllm_args),
         refusal_classifier=args.refusal_classifier,
-        score_only=args.score_only, device=args.device, dtype=args.dtype)
+        score_only=args.score_only, shard_index=shard[0], num_shards=shard[1], device=args.device,
+        dtype=args.dtype)
 
 
 def parse_vllm_args(text) -> dict:
@@ -100,6 +109,13 @@ def parse_vllm_args(text) -> dict:
 
 
 def run(args) -> int:
+    if args.merge:
+        if args.shard or args.score_only:
+            raise MelayerError("--merge takes the shard folders and --out only (not --shard or --score-only)")
+        check_out_dir(args.out)
+        merge_shards(args.merge, args.out, args.data_dir)
+        print(f"report: {args.out}/report.md (merged from {len(args.merge)} shards)")
+        return 0
     cfg = config_from_args(args)
     cfg.validate()
     check_out_dir(cfg.out)

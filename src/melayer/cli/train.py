@@ -2,6 +2,8 @@
 every reference forward."""
 from __future__ import annotations
 
+import os
+
 from ..report import console_table
 from ..training import TrainConfig, train
 from ..training.config import DPO_LOSSES, PREFERENCE_SOURCES, REF_MASKS, SCHEDULERS
@@ -101,6 +103,8 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args) -> int:
     result = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: process 0 reports for all
+        return 0
     console_table(f"melayer train {args.algo}: {result.out}", ["metric", "value"], summary(result).items())
     print(f"final model: {result.final_dir}  (report: {result.out / 'train_report.md'})")
     return 0

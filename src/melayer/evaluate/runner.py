@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 CONFIG_NAME = "eval_config.json"
 LM_EVAL_DIR = "lm_eval"
 # what makes an answer: an out dir is resumed only with the same values (prompts and decoding are in each key)
-IDENTITY_FIELDS = ("model", "dtype", "me_layer", "protocol")
+IDENTITY_FIELDS = ("model", "dtype", "me_layer", "protocol", "shard_index", "num_shards")
 ENGINES = (*GENERATION_ENGINES, "vllm")  # melayer's generation engines (identical answers), or vLLM
 # vLLM on a CPU: eager (its compiled start takes minutes, once per condition, for the same speed), and memory sized
 # for a laptop (on a CPU, gpu_memory_utilization is the fraction of RAM vLLM may take); --vllm-args overrides them
@@ -73,6 +73,8 @@ class EvalConfig:
     vllm_args: dict = field(default_factory=dict)  # engine "vllm": LLM(...) arguments (tensor_parallel_size, ...)
     refusal_classifier: str = "prefix"  # the refusal tasks' `refusal` metric (see scorers.REFUSAL_CLASSIFIERS)
     score_only: bool = False  # rescore from responses.jsonl: no model, nothing computed (see RESCORE_FIELDS)
+    shard_index: int = 0  # this process evaluates every num_shards-th document from shard_index (see merge_shards)
+    num_shards: int = 1
     device: Optional[str] = None
     dtype: Optional[str] = None  # None: the protocol's
 
@@ -99,6 +101,8 @@ class EvalConfig:
             raise MelayerError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise MelayerError(f"--limit must be at least 1, got {self.limit}")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise MelayerError(f"--shard must be I/N with 0 <= I < N, got {self.shard_index}/{self.num_shards}")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise MelayerError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
         for folder in self.include_path:
@@ -215,12 +219,20 @@ def resolve_tasks(tm, names: list[str]) -> dict[str, int]:
     return {name: len(task.eval_docs) for name, task in loaded["tasks"].items()}
 
 
-def seeded_subset(counts: dict[str, int], limit: Optional[int], seed: int) -> Optional[dict[str, list[int]]]:
-    """``limit`` documents per leaf task, drawn with ``seed`` (the same for every condition), in document order."""
-    if limit is None:
+def seeded_subset(counts: dict[str, int], limit: Optional[int], seed: int, shard_index: int = 0,
+                  num_shards: int = 1) -> Optional[dict[str, list[int]]]:
+    """``limit`` documents per leaf task, drawn with ``seed`` (the same for every condition), in document order;
+    with shards, every ``num_shards``-th of them from ``shard_index`` (the shards partition the run's documents)."""
+    if limit is None and num_shards == 1:
         return None
-    return {name: sorted(random.Random(f"{seed}:{name}").sample(range(n), min(limit, n)))
-            for name, n in counts.items()}
+    docs = {name: (sorted(random.Random(f"{seed}:{name}").sample(range(n), min(limit, n))) if limit is not None
+                   else list(range(n))) for name, n in counts.items()}
+    if num_shards == 1:
+        return docs
+    small = sorted(name for name, d in docs.items() if len(d) < num_shards)
+    if small:
+        raise MelayerError(f"{', '.join(small)}: fewer documents than the {num_shards} shards; use fewer shards")
+    return {name: d[shard_index::num_shards] for name, d in docs.items()}
 
 
 def _resolve_me_layer(cfg: EvalConfig, lm) -> Optional[int]:
@@ -261,7 +273,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     tm = task_manager(cfg)
     settings = cfg.settings()
     counts = resolve_tasks(tm, sorted({s.task for s in settings}))
-    subset = seeded_subset(counts, cfg.limit, cfg.seed)
+    subset = seeded_subset(counts, cfg.limit, cfg.seed, cfg.shard_index, cfg.num_shards)
     if cfg.engine == "vllm" and not cfg.score_only:
         cfg.me_layer = _resolve_me_layer(cfg, None)
     lm = _language_model(cfg, out)

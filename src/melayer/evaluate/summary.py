@@ -190,7 +190,10 @@ def markdown(summary: dict) -> str:
                                                   if summary["deviations"] else " (no deviation from the preset)")
              + f". Tasks {', '.join(summary['tasks'])}; WeMask conditions {', '.join(summary['conditions'])} "
              f"(ME layer {cfg['me_layer']}, 0-based); limit {cfg['limit']} per task (seed {cfg['seed']}); "
-             f"{'sampling' if cfg['sample'] else 'greedy'}.", "",
+             f"{'sampling' if cfg['sample'] else 'greedy'}."
+             + (f" **Shard {cfg['shard_index']} of {cfg['num_shards']}** (0-based): every {cfg['num_shards']}-th "
+                "document only; `melayer eval --merge` scores the whole sweep." if cfg.get("num_shards", 1) > 1 else ""),
+             "",
              "95% CIs: Wilson for 0/1 items, document bootstrap otherwise. Δ is the paired difference against rate 0 "
              "on the same documents (bootstrap CI); McNemar is exact on the discordant pairs. Holm p: the McNemar p "
              "(the bootstrap p where there is none) adjusted for every comparison in this table. ↓: lower is "

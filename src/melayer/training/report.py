@@ -17,6 +17,8 @@ def summary(result) -> dict:
     GRPO, the mean fraction of prompt groups whose rewards had no spread."""
     out = {"steps": max((int(r.get("step", 0)) for r in result.log_history), default=0),
            "wemask_fired": result.wemask_fired}
+    if getattr(result, "wemask_fired_per_rank", None):
+        out["wemask_fired_per_rank"] = result.wemask_fired_per_rank
     if getattr(result, "ref_forwards", None) is not None:
         out["ref_forwards"] = result.ref_forwards
         out["ref_tokens_masked"] = result.ref_tokens_masked

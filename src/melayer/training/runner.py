@@ -72,6 +72,7 @@ class TrainResult:
     data_stats: dict = field(default_factory=dict)  # rows, and those TRL truncates / drops at max_length
     ref_tokens_masked: Optional[int] = None  # DPO: first tokens masked in reference forwards
     ref_forwards: Optional[int] = None  # DPO: reference forwards (inline or precomputed batches)
+    wemask_fired_per_rank: Optional[list[int]] = None  # data parallel: each process's count (the mask on every rank)
 
 
 def _device(cfg: TrainConfig) -> str:
@@ -81,6 +82,17 @@ def _device(cfg: TrainConfig) -> str:
     if cfg.device is not None:
         return cfg.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gather_counts(count: int) -> Optional[list[int]]:
+    """Every process's ``count`` under data parallelism (None in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, int(count))
+    return counts
 
 
 def save_loadable(model, tokenizer, directory: Path, cfg: TrainConfig) -> None:
@@ -579,11 +591,12 @@ def _train(cfg: TrainConfig, model, tokenizer, keep_trainer: bool) -> TrainResul
     if trainer.is_world_process_zero():
         write_model_card(final_dir, cfg)
         mark_complete(final_dir, trainer.state.global_step)
+    per_rank = _gather_counts(handle.fired)
     result = TrainResult(out=Path(cfg.out), final_dir=final_dir, config=cfg,
                          log_history=list(trainer.state.log_history), wemask_fired=handle.fired,
                          trainer=trainer if keep_trainer else None, handle=handle, data_stats=data_stats,
                          ref_tokens_masked=getattr(trainer, "ref_tokens_masked", None),
-                         ref_forwards=getattr(trainer, "ref_forwards", None))
+                         ref_forwards=getattr(trainer, "ref_forwards", None), wemask_fired_per_rank=per_rank)
     if trainer.is_world_process_zero():
         write_train_report(result)
     return result
