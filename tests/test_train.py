@@ -756,3 +756,13 @@ def test_data_parallel_sft_masks_on_every_rank_and_saves_one_masked_model(tmp_pa
     assert max(float(h["epoch"]) for h in report["log_history"] if "epoch" in h) == pytest.approx(1.0)  # 2 x 2 rows
     reloaded, _ = load_model(out / "final", device="cpu")
     assert saved_wemask(reloaded).layers == [TINY_TARGET] and saved_wemask(reloaded).rate == RATE
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero3"])
+def test_shipped_accelerate_configs_are_valid(name):
+    """The configs the README's multi-GPU commands use load in accelerate (unknown keys are refused there)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}[name]
+    assert config.num_processes == 8 and str(config.mixed_precision) == "bf16"
