@@ -5,7 +5,7 @@ on the same GSM8K items, greedy, with the outputs compared token for token.
 
 The paper's protocol is its GSM8K script's loop: the prompt "Please reason step by step and put your final
 answer within \\boxed{}.\\nQuestion: ..." without a chat template, ``model.generate`` on one item at a time.
-Ours feeds the same prompts to :func:`melayer.evaluate.runner.generate_texts` in length-sorted, left-padded
+Ours feeds the same prompts to :func:`melayer.generation.generate_from_ids` in length-sorted, left-padded
 batches, through the engine ``melayer eval`` uses (``auto``: on CPU the compact engine, which drops finished
 sequences from the batch; ``--engine hf`` measures plain batched ``generate``). Batched fp32 greedy decoding
 can differ from unbatched decoding on rare near-ties of the top two logits; mismatches are counted and printed,
@@ -37,10 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
 
-    from melayer import load_model
-    from melayer.evaluate import data
-    from melayer.evaluate.runner import generate_texts
-    from melayer.generation import GenerationConfig, encode_prompt, eos_ids
+    from melayer import data, load_model
+    from melayer.generation import GenerationConfig, generate_from_ids
+    from melayer.text import encode_prompt, eos_ids
 
     model, tok = load_model(args.model, device="cpu", dtype="fp32")
     items = data.select(data.load("gsm8k", args.data_dir), args.items, args.seed)
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
     ours = [None] * len(prompts)
     for s in range(0, len(order), args.batch_size):
         idx = order[s:s + args.batch_size]
-        for i, text in zip(idx, generate_texts(model, tok, [prompts[i] for i in idx], gen, eos)):
+        for i, text in zip(idx, generate_from_ids(model, tok, [prompts[i] for i in idx], gen)):
             ours[i] = text
     t_ours = time.perf_counter() - t0
 
