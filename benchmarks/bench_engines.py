@@ -1,0 +1,262 @@
+"""Generation engines side by side on one real workload, in one process: tokens/s, items/s and token agreement.
+
+    python benchmarks/bench_engines.py --model default --items-per-task 16 --max-new-tokens 256 --batch-size 16 \\
+        --data-dir ../shared/data --out docs/results/bench_engines_cpu
+
+The workload is what a SmolLM2 sweep generates: GSM8K, IFEval and XSTest prompts (chat template, greedy, the
+model's real EOS, so output lengths vary). Every engine gets the same prompts; melayer's batched engines and
+``generate`` get length-sorted batches of ``--batch-size``; the continuous-batching engines (transformers'
+``generate_batch``, vLLM) get every prompt at once and schedule them themselves. Engines:
+
+- ``hf_generate``: ``model.generate`` with the dynamic cache (the reference for token agreement);
+- ``hf_static``: ``model.generate(cache_implementation="static")``;
+- ``hf_continuous``: transformers' continuous batching (``model.generate_batch``; paged cache);
+- ``melayer_compact`` / ``melayer_static``: melayer's engines (``static`` on CUDA only);
+- ``vllm``: vLLM (``--vllm``, needs vLLM), melayer's plugin loaded;
+- each ``… + wemask``: the same under WeMask (``--rate``, block ME+1), against ``hf_generate + wemask``.
+
+WeMask runs on engines whose positions melayer's hooks can read: ``generate``, melayer's engines and vLLM (the
+plugin reads vLLM's positions); transformers' continuous batching packs requests into one row, which the HF hooks
+do not support, so it runs unmasked only. Figures and commands: ``docs/results/bench_engines.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("gsm8k", "ifeval", "xstest")
+
+
+def workload(tokenizer, data_dir: str, per_task: int, seed: int) -> list[tuple[str, list[int]]]:
+    """(task, chat-templated prompt ids) for ``per_task`` seeded items of each task."""
+    from melayer import data
+    from melayer.text import encode_prompt
+    from melayer.training.data import GSM8K_PROMPT
+
+    text = {"gsm8k": lambda r: GSM8K_PROMPT.format(question=r["question"]), "ifeval": lambda r: r["prompt"],
+            "xstest": lambda r: r["prompt"]}
+    return [(task, encode_prompt(tokenizer, text[task](row), chat=True))
+            for task in TASKS for row in data.select(data.load(task, data_dir), per_task, seed)]
+
+
+def trim(ids, eos: set[int]) -> list[int]:
+    """Generated ids up to (not including) the first EOS."""
+    out = []
+    for t in ids:
+        if int(t) in eos:
+            break
+        out.append(int(t))
+    return out
+
+
+def batched(prompts: list[list[int]], size: int, run: Callable) -> list[list[int]]:
+    """Length-sorted batches through ``run(list of ids) -> list of generated ids``, answers in prompt order."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list = [None] * len(prompts)
+    for start in range(0, len(order), size):
+        idx = order[start:start + size]
+        for i, ids in zip(idx, run([prompts[i] for i in idx])):
+            out[i] = ids
+    return out
+
+
+def hf_engine(model, tokenizer, max_new: int, eos: set[int], static: bool = False) -> Callable:
+    from melayer.text import left_pad, pad_id
+
+    pad = pad_id(tokenizer)
+
+    def run(batch):
+        ids, mask = left_pad(batch, pad)
+        extra = {"cache_implementation": "static"} if static else {}
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=sorted(eos), pad_token_id=pad, **extra)
+        return [trim(row, eos) for row in out[:, ids.shape[1]:].cpu()]
+
+    return run
+
+
+def melayer_engine(model, tokenizer, max_new: int, eos: set[int], engine: str) -> Callable:
+    from melayer.generation import GenerationConfig, generate_batch
+    from melayer.text import left_pad, pad_id
+
+    pad = pad_id(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new, engine=engine)
+
+    def run(batch):
+        ids, mask = left_pad(batch, pad)
+        out = generate_batch(model, ids.to(model.device), mask.to(model.device), config, sorted(eos), pad)
+        return [trim(row, eos) for row in out.cpu()]
+
+    return run
+
+
+def hf_continuous(model, prompts, max_new: int, eos: set[int], pad: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=sorted(eos), pad_token_id=pad)
+    with torch.no_grad():
+        done = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    by_id = {rid: trim(out.generated_tokens, eos) for rid, out in done.items()}
+    return [by_id[rid] for rid in sorted(by_id, key=lambda r: int(r.split("_")[-1]))]
+
+
+def agreement(got: list[list[int]], ref: list[list[int]]) -> dict:
+    """Items with identical tokens, and the mean share of each reference continuation matched from its start."""
+    same = sum(g == r for g, r in zip(got, ref))
+    prefix = []
+    for g, r in zip(got, ref):
+        n = 0
+        while n < min(len(g), len(r)) and g[n] == r[n]:
+            n += 1
+        prefix.append(n / max(len(r), 1))
+    return {"identical": same, "items": len(ref), "prefix_share": sum(prefix) / len(prefix)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--items-per-task", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--rate", type=float, default=0.05, help="WeMask rate of the masked runs (block ME+1)")
+    p.add_argument("--me-layer", type=int, default=None, help="0-based ME block (default: found by a scan)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--engines", default="hf_generate,hf_static,hf_continuous,melayer_compact,melayer_static",
+                   help="comma-separated HF-side engines to run (see the module docstring)")
+    p.add_argument("--vllm", action="store_true", help="also run vLLM, unmasked and with WeMask")
+    p.add_argument("--vllm-args", default="", help="extra LLM(...) arguments, key=value,... (lm-eval syntax)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write bench_engines.json/.md here")
+    args = p.parse_args(argv)
+
+    from melayer import load_model
+    from melayer.load import local_location
+    from melayer.masking import WeMaskConfig, apply_wemask
+    from melayer.report import console_table, markdown_table, write_report
+    from melayer.text import eos_ids, pad_id
+
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    on_gpu = model.device.type == "cuda"
+    items = workload(tok, args.data_dir, args.items_per_task, args.seed)
+    prompts = [ids for _, ids in items]
+    eos = set(eos_ids(tok, model))
+    wemask = WeMaskConfig(rate=args.rate, me_layer=args.me_layer).resolved(model, tok)
+    wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not on_gpu and "melayer_static" in wanted:
+        wanted.remove("melayer_static")  # CUDA graphs: GPU only
+        print("melayer_static: skipped (CUDA only)")
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    runs: dict[str, dict] = {}
+
+    def timed(name: str, fn: Callable[[], list[list[int]]], masked: bool = False) -> None:
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        try:
+            if masked:
+                with apply_wemask(model, wemask):
+                    ids = fn()
+            else:
+                ids = fn()
+        except Exception as e:  # an engine that cannot run this model here is recorded, not fatal
+            runs[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            print(f"{name}: {runs[name]['error']}", flush=True)
+            return
+        sync()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(x) for x in ids)
+        runs[name] = {"ids": ids, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                      "items_per_s": len(ids) / wall}
+        print(f"{name}: {wall:.1f} s, {tokens} tokens, {tokens / wall:.1f} tok/s", flush=True)
+
+    n, b = args.max_new_tokens, args.batch_size
+    batched(prompts[:2], 2, hf_engine(model, tok, 4, eos))  # warm-up (kernels, allocator) outside the timings
+    makers: dict[str, Callable] = {
+        "hf_generate": lambda: batched(prompts, b, hf_engine(model, tok, n, eos)),
+        "hf_static": lambda: batched(prompts, b, hf_engine(model, tok, n, eos, static=True)),
+        "hf_continuous": lambda: hf_continuous(model, prompts, n, eos, pad_id(tok)),
+        "melayer_compact": lambda: batched(prompts, b, melayer_engine(model, tok, n, eos, "compact")),
+        "melayer_static": lambda: batched(prompts, b, melayer_engine(model, tok, n, eos, "static")),
+    }
+    for name in ["hf_generate", *[w for w in wanted if w != "hf_generate"]]:
+        timed(name, makers[name])
+        if name != "hf_continuous":
+            timed(f"{name} + wemask", makers[name], masked=True)
+
+    vllm_start = {}
+    if args.vllm:
+        from lm_eval.utils import simple_parse_args_string
+        from vllm import LLM, SamplingParams
+
+        from melayer.vllm_backend import engine_kwargs, wemask_entry
+
+        base = {"model": local_location(args.model)[1], "dtype": "bfloat16" if on_gpu else "float32", "seed": 0}
+        if not on_gpu:
+            base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
+        base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
+        params = SamplingParams(temperature=0.0, max_tokens=n, stop_token_ids=sorted(eos))
+        for name, entry in (("vllm", None), ("vllm + wemask", wemask_entry(wemask))):
+            t0 = time.perf_counter()
+            llm = LLM(**engine_kwargs(entry, base, on_gpu))
+            vllm_start[name] = time.perf_counter() - t0
+
+            def run(llm=llm):
+                done = llm.generate([{"prompt_token_ids": q} for q in prompts], params, use_tqdm=False)
+                return [trim(d.outputs[0].token_ids, eos) for d in done]
+
+            timed(name, run)
+            runs[name]["start_s"] = vllm_start[name]
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+    ref, ref_masked = runs["hf_generate"].get("ids"), runs.get("hf_generate + wemask", {}).get("ids")
+    rows, table = [], []
+    for name, r in runs.items():
+        if "error" in r:
+            rows.append({"engine": name, "error": r["error"]})
+            table.append([name, "–", "–", "–", "–", "–", "–", r["error"][:60]])
+            continue
+        against = ref_masked if "wemask" in name else ref
+        agree = agreement(r["ids"], against)
+        row = {"engine": name, **{k: v for k, v in r.items() if k != "ids"}, "agreement": agree,
+               "speed_vs_hf_generate": r["tokens_per_s"] / runs["hf_generate"]["tokens_per_s"]}
+        rows.append(row)
+        start = f"{r['start_s']:.1f}" if "start_s" in r else "–"
+        table.append([name, start, f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['items_per_s']:.2f}",
+                      f"{row['speed_vs_hf_generate']:.2f}x", f"{agree['identical']}/{agree['items']}",
+                      f"{agree['prefix_share']:.3f}"])
+    columns = ["engine", "start s", "wall s", "tokens/s", "items/s", "vs hf_generate", "identical items",
+               "prefix share"]
+    console_table("generation engines", columns, table)
+    setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "items": len(prompts),
+             "tasks": list(TASKS), "items_per_task": args.items_per_task, "max_new_tokens": n, "batch_size": b,
+             "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
+             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+    if args.out:
+        md = (f"# Generation engines\n\n`{setup['command']}`\n\n{len(prompts)} prompts ({', '.join(TASKS)}, "
+              f"{args.items_per_task} each), greedy, real EOS, ≤ {n} new tokens, batch {b} for the batched engines; "
+              f"{setup['device']}, {setup['dtype']}. Agreement: against `hf_generate` (masked runs: against "
+              f"`hf_generate + wemask`, rate {wemask.rate}, blocks {wemask.layers}).\n\n"
+              + markdown_table(columns, table))
+        write_report(Path(args.out), {"setup": setup, "runs": rows}, md, {}, name="bench_engines")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
