@@ -108,6 +108,8 @@ def test_melayer_lm_eval_command_line_applies_wemask(setup, tmp_path, launcher):
            "--log_samples"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "melayer: WeMask rate 0.1 (correct mode): 6 dims of token 0 zeroed at the attention input of blocks [2]" \
+        in done.stderr  # the user is told what the mask does
     results = list(tmp_path.rglob("results_*.json"))
     samples = list(tmp_path.rglob("samples_melayer_tiny_mc_*.jsonl"))
     assert len(results) == len(samples) == 1

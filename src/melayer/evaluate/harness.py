@@ -35,6 +35,7 @@ from ..generation import GenerationConfig, generate_batch
 from ..load import local_location, saved_wemask, source_of
 from ..masking import WeMaskConfig, WeMaskHandle, apply_wemask, parse_layers
 from ..provenance import model_source, remember_source
+from ..report import say
 from ..text import eos_ids
 from .responses import LoggedLM, ResponseLog
 
@@ -83,6 +84,8 @@ class MelayerLM(LoggedLM, HFLM):
             self.handle = None
         if config is not None and config.rate > 0:
             self.handle = apply_wemask(self.model, config, tokenizer=self.tokenizer, per_sequence=True)
+            say(f"WeMask rate {config.rate:g} ({config.mode} mode): {self.handle.k} dims of token 0 zeroed at the "
+                f"attention input of blocks {self.handle.layers} (ME layer {self.handle.config.me_layer}, 0-based)")
             self._pause = self.handle.paused()
             self._pause.__enter__()
         self.cond = key or (f"{config.rate:g}" if config is not None and config.rate > 0 else "0")
