@@ -736,18 +736,27 @@ train(cfg, model=tiny_chat_model(tokenizer), tokenizer=tokenizer)
 """
 
 
-def test_data_parallel_sft_masks_on_every_rank_and_saves_one_masked_model(tmp_path, short_data):
-    """Two processes (torchrun, gloo on the CPU), one row each per step: the two steps cover the four rows once,
-    the mask fires in both processes, and the final model is written once, with its mask."""
+LAUNCHERS_2 = {  # two CPU processes (gloo): plain DDP under torchrun, and the shipped FSDP config under accelerate
+    "ddp": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "fsdp": ["-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml",
+             "--num_processes", "2", "--mixed_precision", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS_2))
+def test_data_parallel_sft_masks_on_every_rank_and_saves_one_masked_model(tmp_path, short_data, launcher):
+    """Two processes, one row each per step: the two steps cover the four rows once, the mask fires in both
+    processes, and the final model is written once, with its mask."""
     import os
     import subprocess
     import sys
 
+    root = Path(__file__).parents[1]
     script = tmp_path / "child.py"
-    script.write_text(CHILD_DDP.format(tests=str(Path(__file__).parent), rate=RATE, me=TINY_ME_LAYER))
+    script.write_text(CHILD_DDP.format(tests=str(root / "tests"), rate=RATE, me=TINY_ME_LAYER))
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(out), str(short_data)], capture_output=True, text=True, timeout=900,
+    r = subprocess.run([sys.executable, *LAUNCHERS_2[launcher], str(script), str(out), str(short_data)],
+                       capture_output=True, text=True, timeout=900, cwd=root,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "train_report.json").read_text())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs behind docs/results/eval_smollm2_gpu.md, eval_qwen_gpu.md and bench_generate_gpu.md, as jobs to
-# start detached, one per GPU. Each eval job writes its rows to runs/gpu/<job>/samples.jsonl, which makes it
+# start detached, one per GPU. A record: they ran with melayer 0.1's `eval` (its own tasks and --generate-only,
+# before the tasks became lm-eval tasks); today's commands are in science_jobs.sh and multigpu_jobs.sh. Each eval job writes its rows to runs/gpu/<job>/samples.jsonl, which makes it
 # resumable: start the same job again after a kill or a reboot and it goes on from the rows already there.
 # Needs benchmarks/gpu/setup.sh sourced first (PYTHONPATH, MODEL_DIR, MELAYER_GGUF). From the repository root:
 #   mkdir -p logs
