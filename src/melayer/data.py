@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .errors import MelayerError
+from .io import read_jsonl
 
 # task data name -> (hub dataset, config, split)
 HUB = {
@@ -61,18 +62,6 @@ def _local(data_dir: Path, rel: str) -> Path:
     return path
 
 
-def _jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise MelayerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows
-
-
 def _csv(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f))
@@ -85,7 +74,7 @@ def load_gsm8k(data_dir: Optional[Path], split: str = "test") -> list[dict]:
         where = "the hub"
     else:
         path = _local(data_dir, f"gsm8k/{split}.jsonl")
-        rows, where = _jsonl(path), str(path)
+        rows, where = read_jsonl(path), str(path)
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("question"), str) or "####" not in str(r.get("answer")):
@@ -102,7 +91,7 @@ def load_gsm8k_train(data_dir: Optional[Path]) -> list[dict]:
 
 
 def load_math500(data_dir: Optional[Path]) -> list[dict]:
-    rows = _jsonl(_local(data_dir, "math500/test.jsonl")) if data_dir else _hub_rows("math500")
+    rows = read_jsonl(_local(data_dir, "math500/test.jsonl")) if data_dir else _hub_rows("math500")
     return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"]} for r in rows]
 
 
@@ -133,7 +122,7 @@ def load_aime(data_dir: Optional[Path]) -> list[dict]:
 
 
 def load_ifeval(data_dir: Optional[Path]) -> list[dict]:
-    rows = _jsonl(_local(data_dir, "ifeval/input_data.jsonl")) if data_dir else _hub_rows("ifeval")
+    rows = read_jsonl(_local(data_dir, "ifeval/input_data.jsonl")) if data_dir else _hub_rows("ifeval")
     return [{"id": str(r["key"]), "prompt": r["prompt"], "instruction_id_list": list(r["instruction_id_list"]),
              "kwargs": [{k: v for k, v in kw.items() if v is not None} for kw in r["kwargs"]]} for r in rows]
 

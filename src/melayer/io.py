@@ -13,6 +13,19 @@ from typing import Any, Iterable, Iterator, Sequence
 from .errors import MelayerError
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every record of a JSONL file (blank lines skipped); a bad line is a one-line error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise MelayerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses, tuples, paths and numpy/torch values become plain, strict JSON values (NaN and ±inf: null)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -135,16 +135,6 @@ class MelayerLM(LoggedLM, HFLM):
             info["melayer_wemask"] = {"rate": c.rate, "layers": c.layers, "mode": c.mode, "me_layer": c.me_layer}
         return info
 
-    def generate_until(self, requests, disable_tqdm: bool = True):
-        return self._answer("generate_until", requests, lambda rs: HFLM.generate_until(self, rs, disable_tqdm=True))
-
-    def loglikelihood(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood", requests, lambda rs: HFLM.loglikelihood(self, rs, disable_tqdm=True))
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood_rolling", requests,
-                            lambda rs: HFLM.loglikelihood_rolling(self, rs, disable_tqdm=True))
-
 
 class LoggedResponsesLM(LoggedLM, LM):
     """Answers from a response log alone (``melayer eval --score-only``): rescoring needs the tokenizer (chat
@@ -165,14 +155,8 @@ class LoggedResponsesLM(LoggedLM, LM):
     def chat_template(self, chat_template=False):
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
 
-    def generate_until(self, requests, disable_tqdm: bool = True):
-        return self._answer("generate_until", requests, None)
-
-    def loglikelihood(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood", requests, None)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood_rolling", requests, None)
+    def _compute(self, kind: str) -> None:
+        return None  # every answer comes from the log
 
 
 def cli() -> None:

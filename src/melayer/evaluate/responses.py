@@ -86,3 +86,17 @@ class LoggedLM:
             bar.update(len(part))
         bar.close()
         return [_restore(kind, self.log.get(self.cond, k)) for k in keys]
+
+    def _compute(self, kind: str) -> Optional[Callable]:
+        """What answers ``kind`` when the log does not: the lm-eval model after this mixin (HFLM, VLLM)."""
+        method = getattr(super(), kind)
+        return lambda requests: method(requests, disable_tqdm=True)
+
+    def generate_until(self, requests, disable_tqdm: bool = True):
+        return self._answer("generate_until", requests, self._compute("generate_until"))
+
+    def loglikelihood(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood", requests, self._compute("loglikelihood"))
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+        return self._answer("loglikelihood_rolling", requests, self._compute("loglikelihood_rolling"))

@@ -22,7 +22,7 @@ from typing import Optional
 
 from .. import stats
 from ..errors import MelayerError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, read_jsonl
 from ..report import console_table, data_frame, markdown_table, new_figure, write_report
 
 LM_EVAL_DIR = "lm_eval"
@@ -50,16 +50,7 @@ def load_folder(out: Path) -> tuple[dict, dict, dict]:
             task = path.stem[len("samples_"):].rsplit("_", 1)[0]
             by_task.setdefault(task, []).append(path)
         for task, paths in by_task.items():
-            path = _latest(paths)
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except ValueError:
-                            raise MelayerError(f"{path}:{n}: not a JSON record") from None
-            samples[cond["condition"], task] = rows
+            samples[cond["condition"], task] = read_jsonl(_latest(paths))
         for path in sorted(folder.rglob("results_*.json"), key=lambda p: p.stem.rsplit("_", 1)[-1]):
             res = json.loads(path.read_text(encoding="utf-8"))
             for task in res.get("configs", {}):

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MelayerError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, read_jsonl
 from ..report import say
 from ..load import load_model
 from ..masking import active_wemasks, apply_wemask
@@ -443,7 +443,7 @@ def _preference_rows(cfg: TrainConfig, model, tokenizer, handle) -> tuple[list[d
                         raise MelayerError(f"--resume: {path} was built with another recipe than this run's")
                     saved = None
             if saved is not None:
-                rows, built = data._jsonl(path), saved
+                rows, built = read_jsonl(path), saved
                 say(f"reusing the {len(rows)} on-policy {cfg.data} pairs in {path}")
             else:
                 # sampled with the policy's mask, which is active on the model (recorded in the config)
@@ -476,7 +476,7 @@ def _read_preference_set(name: str) -> list[dict]:
             if not isinstance(rows, list):
                 raise MelayerError(f"{path}: expected a JSON list of preference pairs")
         else:
-            rows = data._jsonl(path)
+            rows = read_jsonl(path)
         preferences.check_preference_rows(rows, str(path))
         return rows
     try:

@@ -179,13 +179,3 @@ class MelayerVLLM(LoggedLM, VLLM):
         if self._wanted is not None:
             info["melayer_wemask"] = {k: self._wanted[k] for k in ("rate", "layers", "mode", "me_layer")}
         return info
-
-    def generate_until(self, requests, disable_tqdm: bool = True):
-        return self._answer("generate_until", requests, lambda rs: VLLM.generate_until(self, rs, disable_tqdm=True))
-
-    def loglikelihood(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood", requests, lambda rs: VLLM.loglikelihood(self, rs, disable_tqdm=True))
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
-        return self._answer("loglikelihood_rolling", requests,
-                            lambda rs: VLLM.loglikelihood_rolling(self, rs, disable_tqdm=True))
