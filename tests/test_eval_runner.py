@@ -134,6 +134,24 @@ def test_score_only_rescores_without_the_model(sweep, monkeypatch):
         [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary.results]
 
 
+def test_score_only_elsewhere_takes_the_tokenizer_from_the_given_model(sweep, tiny, tmp_path):
+    """Answers made on another machine: the saved model path does not exist here. The error says what to pass;
+    with the model given, the scores are exactly those of the original run."""
+    import shutil
+
+    src, summary = sweep
+    out = tmp_path / "copied"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("lm_eval"))
+    saved = json.loads((out / "eval_config.json").read_text())
+    saved["model"] = str(tmp_path / "gone" / "model.gguf")
+    (out / "eval_config.json").write_text(json.dumps(saved))
+    with pytest.raises(MelayerError, match="pass that model"):
+        run_eval(EvalConfig(out=str(out), score_only=True, tasks=None))  # tasks=None: the whole sweep, as the CLI
+    again = run_eval(EvalConfig(model=str(tiny), out=str(out), score_only=True, tasks=None))
+    assert [(r["task"], r["metric"], r["cond"], r["value"]) for r in again.results] == \
+        [(r["task"], r["metric"], r["cond"], r["value"]) for r in summary.results]
+
+
 def test_score_only_rescores_a_part_and_skips_unfinished_conditions(sweep, tmp_path):
     """An interrupted sweep: one condition has no answers. Rescoring one task keeps the others' numbers exact."""
     import shutil

@@ -316,6 +316,27 @@ def test_trl_arguments_use_activation_checkpointing(algo):
         assert (args.beta, args.loss_type, args.max_length, args.learning_rate) == (0.1, ["sigmoid"], 512, 1e-6)
 
 
+def test_checkpointing_reaches_an_older_trainer_under_its_old_name(monkeypatch):
+    """transformers < 5.20 has no ``activation_checkpointing`` argument (an unknown keyword stopped every run on
+    such a box): the flag must then arrive as ``gradient_checkpointing``."""
+    import trl
+
+    from melayer.training.runner import _training_args
+
+    @dataclasses.dataclass(init=False)
+    class OldSFTConfig:
+        gradient_checkpointing: bool = False
+
+        def __init__(self, gradient_checkpointing=False, **kwargs):
+            assert "activation_checkpointing" not in kwargs
+            self.gradient_checkpointing = gradient_checkpointing
+
+    monkeypatch.setattr(trl, "SFTConfig", OldSFTConfig)
+    assert _training_args(TrainConfig(algo="sft", data="gsm8k"), "cpu").gradient_checkpointing is True
+    off = TrainConfig(algo="sft", data="gsm8k", gradient_checkpointing=False)
+    assert _training_args(off, "cpu").gradient_checkpointing is False
+
+
 # -- warm-up: step 1 learns ------------------------------------------------------------------------------------
 
 def _lrs(scheduler_type, total, warmup, shift):

@@ -264,8 +264,12 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise MelayerError(f"--out {out} is a file, not a folder")
+    tokenizer_from = None
     if cfg.score_only:  # the last generating command's sweep (or the part of it cfg names), from its logged answers
         saved = EvalConfig(**read_config_json(EvalConfig, out, CONFIG_NAME, "eval config"))
+        # the tokenizer builds the prompts that key the logged answers: the saved model's, or the model given
+        # here (answers made on another machine, whose model path does not exist on this one)
+        tokenizer_from = cfg.model if cfg.model != EvalConfig.model else saved.model
         given = {f: getattr(cfg, f) for f in RESCORE_FIELDS if getattr(cfg, f)}
         cfg = dataclasses.replace(saved, score_only=True, out=cfg.out, data_dir=cfg.data_dir or saved.data_dir,
                                   **given)
@@ -276,7 +280,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     subset = seeded_subset(counts, cfg.limit, cfg.seed, cfg.shard_index, cfg.num_shards)
     if cfg.engine == "vllm" and not cfg.score_only:
         cfg.me_layer = _resolve_me_layer(cfg, None)
-    lm = _language_model(cfg, out)
+    lm = _language_model(cfg, out, tokenizer_from)
     if cfg.wemask_rates is None:
         cfg.wemask_rates = [0.0]
     if not cfg.score_only:
@@ -309,7 +313,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
                                                   cfg.wemask_modes, cfg.dtype))
 
 
-def _language_model(cfg: EvalConfig, out: Path):
+def _language_model(cfg: EvalConfig, out: Path, tokenizer_from: Optional[str] = None):
     if cfg.score_only:
         from transformers import AutoTokenizer
 
@@ -318,7 +322,12 @@ def _language_model(cfg: EvalConfig, out: Path):
 
         if not (out / RESPONSES_NAME).is_file():
             raise MelayerError(f"--score-only: {out} has no {RESPONSES_NAME} to rescore")
-        tokenizer = AutoTokenizer.from_pretrained(local_location(cfg.model)[1])
+        try:
+            location = local_location(tokenizer_from or cfg.model)[1]
+        except MelayerError as e:
+            raise MelayerError(f"--score-only needs the tokenizer of the model that answered: {e}; pass that model "
+                               "(or a copy of it) as the model argument") from None
+        tokenizer = AutoTokenizer.from_pretrained(location)
         return LoggedResponsesLM(tokenizer, None)
     if cfg.engine == "vllm":
         import torch

@@ -366,6 +366,8 @@ def _training_args(cfg: TrainConfig, device: str):
     from trl import DPOConfig, GRPOConfig, SFTConfig
 
     cuda = device.startswith("cuda")
+    names = {f.name for f in dataclasses.fields(SFTConfig)}  # transformers < 5.20 names it gradient_checkpointing
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     common = dict(
         output_dir=cfg.out, max_steps=cfg.max_steps, num_train_epochs=1, learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -373,7 +375,7 @@ def _training_args(cfg: TrainConfig, device: str):
         seed=cfg.seed, data_seed=cfg.seed,  # same seed => same data order for a baseline and its WeMask run
         logging_steps=cfg.logging_steps, logging_first_step=True, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 1, save_total_limit=cfg.save_total_limit, report_to="none",
-        activation_checkpointing=cfg.gradient_checkpointing, bf16=cuda, fp16=False, use_cpu=not cuda,
+        **{checkpointing: cfg.gradient_checkpointing}, bf16=cuda, fp16=False, use_cpu=not cuda,
         dataloader_num_workers=0, disable_tqdm=False,
     )
     if cfg.algo == "sft":
