@@ -1,10 +1,13 @@
 """Scan cost: hooks vs a plain forward (time), and hooks vs output_hidden_states (peak memory); load time.
 
-    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--out docs/results/bench_scan.json]
+    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--variants reference,eager,cuda_graph]
+                                    [--out docs/results/bench_scan.json]
 
-Time: plain forward and capture forward alternate on the same input, medians compared (target ≤ 1.10×).
-Memory: each approach runs in a fresh subprocess; peak RSS (CPU) or peak CUDA memory above the loaded
-model is compared: capture keeps O(layers × dims), output_hidden_states keeps every hidden state.
+Time: a plain forward, the capture forward as shipped (``reduction="auto"``) and the capture with each other
+reduction of ``ResidualCapture`` alternate on the same input; medians are compared (target ≤ 1.10×), and each
+variant's statistics are checked against the reference reduction's (they must be identical). The table of
+ratios is printed last. Memory: each approach runs in a fresh subprocess; peak RSS (CPU) or peak CUDA memory
+above the loaded model is compared: capture keeps O(layers × dims), output_hidden_states keeps every hidden state.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -100,12 +105,25 @@ def measure_memory(approach: str, tokens: int, device: str, spec: str) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, dtypes and values, NaN matching NaN."""
+    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def differing_fields(stats, reference) -> list[str]:
+    """The LayerStats fields in which two captures (lists, embeddings first) differ anywhere."""
+    return sorted({f.name for x, y in zip(stats, reference) for f in fields(x)
+                   if not same_values(getattr(x, f.name), getattr(y, f.name))})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default", help="model spec (default: the embedded SmolLM2)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", help="comma-separated reductions timed beside the shipped capture "
+                                      "(default: reference,eager, and cuda_graph on CUDA)")
     p.add_argument("--out", default=str(ROOT / "docs/results/bench_scan.json"))
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
     p.add_argument("--profile", action="store_true", help="also print the ops that cost the capture most (profiler)")
@@ -114,7 +132,13 @@ def main() -> None:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
 
     from melayer import load_model
-    from melayer.capture import ResidualCapture
+    from melayer.capture import REDUCTIONS, ResidualCapture
+
+    variants = (args.variants or "reference,eager" + (",cuda_graph" if args.device == "cuda" else "")).split(",")
+    unknown = set(variants) - set(REDUCTIONS)
+    if unknown:
+        p.error(f"unknown --variants {sorted(unknown)}; choose from {REDUCTIONS}")
+    shipped = "cuda_graph" if args.device == "cuda" else "eager"  # what reduction="auto" resolves to
 
     t0 = time.perf_counter()
     load_model(args.model, device=args.device)  # warm the cache (first load dequantises)
@@ -126,24 +150,40 @@ def main() -> None:
     ids = make_input(tok, args.tokens).to(args.device)
     mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    cap = ResidualCapture(model)
-    cap.remove()
 
     def plain():
         model.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def hooked():
-        with ResidualCapture(model) as c:
-            c.run(ids, mask)
+    def capture_with(reduction: str):
+        def forward():
+            with ResidualCapture(model, reduction=reduction) as c:
+                layers = c.run(ids, mask)
+                return [c.embedding, *layers]
 
-    times = {"plain": [], "capture": []}
+        return forward
+
+    runs = {"plain": plain, "capture": capture_with("auto"), **{v: capture_with(v) for v in variants}}
+    outputs, notes = {}, {}
     with torch.no_grad():
-        plain(), hooked()  # warm-up
+        plain()
+        for name in list(runs)[1:]:  # warm-up: captures the CUDA graphs; a failing alternative is reported
+            failure = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    runs[name]()
+                except Exception as err:
+                    if name == "capture":
+                        raise
+                    failure.append(f"failed: {type(err).__name__}: {err}")
+                    del runs[name]
+            notes[name] = "; ".join([str(w.message) for w in caught] + failure)
+        times = {name: [] for name in runs}
         for _ in range(args.repeats):
-            for name, fn in (("plain", plain), ("capture", hooked)):
+            for name, fn in runs.items():
                 sync()
                 t = time.perf_counter()
-                fn()
+                outputs[name] = fn()  # the last repeat's statistics are compared below
                 sync()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -152,26 +192,45 @@ def main() -> None:
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
         with torch.no_grad(), profile(activities=activities) as prof:
-            hooked()
+            runs["capture"]()
             sync()
         key = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
     mem = {a: measure_memory(a, args.tokens, args.device, args.model) for a in ("capture", "hidden_states")}
+    reference = outputs.get("reference")
+    table = {}
+    for name in ["plain", "capture", *variants]:
+        row = {"reduction": {"plain": None, "capture": shipped}.get(name, name), "forward_s": med.get(name),
+               "ratio": med[name] / med["plain"] if name in med else None, "note": notes.get(name, "")}
+        if outputs.get(name) is not None and reference is not None:
+            row["differing_fields"] = differing_fields(outputs[name], reference)
+        table[name] = row
     result = {
         "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-        "load_first_s": first_load, "load_second_s": second_load,
-        "forward_plain_s": med["plain"], "forward_capture_s": med["capture"],
-        "time_ratio": med["capture"] / med["plain"],
+        "torch": torch.__version__, "load_first_s": first_load, "load_second_s": second_load,
+        "forward_plain_s": med["plain"], "forward_capture_s": med["capture"], "reduction": shipped,
+        "time_ratio": med["capture"] / med["plain"], "variants": table,
         "peak_capture_mb": mem["capture"] / 2**20, "peak_hidden_states_mb": mem["hidden_states"] / 2**20,
         "memory_ratio": mem["hidden_states"] / max(mem["capture"], 1),
     }
-    print(f"second load of 'default': {second_load:.2f} s (target ≤ 3 s)")
-    print(f"forward {args.tokens} tokens: plain {med['plain']:.3f} s, capture {med['capture']:.3f} s, "
-          f"ratio {result['time_ratio']:.3f}× (target ≤ 1.10×)")
-    print(f"peak memory above the model: capture {result['peak_capture_mb']:.1f} MB, output_hidden_states "
-          f"{result['peak_hidden_states_mb']:.1f} MB ({result['memory_ratio']:.1f}× more)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"second load of {args.model!r}: {second_load:.2f} s (target ≤ 3 s)")
+    print(f"peak memory above the model: capture {result['peak_capture_mb']:.1f} MB, output_hidden_states "
+          f"{result['peak_hidden_states_mb']:.1f} MB ({result['memory_ratio']:.1f}× more)")
+    for name, row in table.items():
+        if row["note"]:
+            print(f"{name}: {row['note']}")
+    print(f"\nforward of {args.tokens} tokens on {args.device}, median of {args.repeats} "
+          f"(target: capture ≤ 1.10× plain; 'same stats': identical to the reference reduction)")
+    print(f"{'variant':<24}{'seconds':>10}{'× plain':>10}  same stats")
+    for name, row in table.items():
+        label = f"capture ({shipped})" if name == "capture" else name
+        seconds = "failed" if row["forward_s"] is None else f"{row['forward_s']:.4f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        same = "" if "differing_fields" not in row else (
+            "yes" if not row["differing_fields"] else "NO: " + ", ".join(row["differing_fields"]))
+        print(f"{label:<24}{seconds:>10}{ratio:>10}  {same}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
 
-from melayer.capture import reduce_hidden
+from melayer import capture
+from melayer.capture import LayerStats, ReductionPlan, ResidualCapture, reduce_hidden, reduce_packed
 from melayer.detect import MassiveCriterion, Profile, emergence, prompt_events
 
 
@@ -114,6 +116,92 @@ def test_exact_counts_and_token0_beyond_32_larger_tokens():
     assert float(s.first[0, 3]) == 2000.0 and float(s.rest_max_abs[0, 9]) == 9000.0
     ref = (h.abs() > torch.clamp(1000 * h.abs().flatten().median(), min=100)).sum()
     assert int(s.massive_count) == int(ref)
+
+
+def _assert_identical(got: LayerStats, want: LayerStats) -> None:
+    for f in fields(LayerStats):
+        g, w = getattr(got, f.name), getattr(want, f.name)
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), f.name
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f.name)
+
+
+def _hidden_case(case: str):
+    """(h, attention_mask, delim_index): random hidden states with massive values, ties, NaN/inf and pads."""
+    g = torch.Generator().manual_seed(3)
+    if case == "batch1":
+        h, mask, delim = torch.randn(1, 37, D, generator=g), torch.ones(1, 37, dtype=torch.long), None
+        h[0, 0, 2], h[0, 9, 5] = 900.0, -4000.0
+        return h, mask, delim
+    lengths = [23, 17, 5, 1] if case != "no_pad" else [12, 12]
+    mask = torch.stack([(torch.arange(max(lengths)) >= max(lengths) - n).long() for n in lengths])
+    h = torch.randn(len(lengths), max(lengths), D, generator=g)
+    h[:, :, 3] *= 50.0
+    h[0, 0, 7] = h[0, 5, 7] = -3000.0  # a tie for the largest |h|
+    h[0, 6, 1] = 3000.0
+    if case == "no_pad":
+        return h, mask, torch.tensor([3, 0])  # a delimiter on the first token too
+    h[1, 2, :] = 1e6  # a pad token: never counted
+    h[1, 3, 4] = float("inf")  # another pad
+    h[1, 10, 5], h[1, 12, 6], h[1, 13, 6] = float("nan"), float("inf"), float("-inf")
+    h[3, -1] = float("nan")  # the only real token is all NaN: NaN median
+    delim = torch.tensor([4, -1, 30, 22])  # absolute; -1 and out of range: none
+    return (h.bfloat16() if case == "bf16" else h), mask, delim
+
+
+@pytest.mark.parametrize("median", ["select", "sort"])
+@pytest.mark.parametrize("case", ["batch1", "padded", "no_pad", "bf16"])
+def test_planned_reduction_is_identical_to_reduce_hidden(case, median, monkeypatch):
+    """What ResidualCapture.run computes (masks once per forward, packed, finished on the host) equals the
+    definition field by field, bit for bit; "sort" is the CUDA median, run here on the CPU."""
+    if median == "sort":
+        monkeypatch.setattr(capture, "nanmedian_rows", capture.nanmedian_by_sort)
+    h, mask, delim = _hidden_case(case)
+    valid = mask != 0
+    first = valid.int().argmax(1)
+    positions = torch.arange(mask.shape[1])
+    delim_sel = positions == (torch.full((len(mask),), -1) if delim is None else delim)[:, None]
+    for abs_threshold, ratio in ((100.0, 1000.0), (2.0, 3.0)):
+        want = reduce_hidden(h, valid, positions == first[:, None], delim_sel, first, abs_threshold, ratio)
+        plan = ReductionPlan(mask, delim)
+        floats, ints = reduce_packed(h, plan.on(h.device), abs_threshold, ratio)
+        got = plan.unpack(floats[None], ints[None])[0]
+        _assert_identical(got, want)
+        assert ratio == 1000.0 or int(want.massive_count.sum()) > 0
+
+
+def test_nanmedian_by_sort_equals_nanmedian():
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 5, (6, 40), generator=g).float()  # many ties
+    rows[1, ::3] = float("nan")
+    rows[2] = float("nan")
+    rows[3, 1:] = float("nan")  # one value left
+    rows[4, :21] = float("nan")  # an odd count of values
+    torch.testing.assert_close(capture.nanmedian_by_sort(rows), torch.nanmedian(rows, 1).values,
+                               rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_capture_reductions_give_identical_stats(device):
+    """Every ``reduction`` of ResidualCapture on a real forward: a padded batch with delimiters, the same shape
+    with other delimiters (a captured graph's masks are refreshed), then batch 1 without padding."""
+    from helpers import left_padded, make_tiny
+
+    model = make_tiny("llama").to(device)
+    ids, mask = left_padded([9, 6, 3], seed=1)
+    cases = [(ids, mask, torch.tensor([4, -1, 8])), (ids, mask, torch.tensor([5, 7, -1])),
+             (torch.arange(3, 20)[None], torch.ones(1, 17, dtype=torch.long), None)]
+    for ids, mask, delim in cases:
+        runs = {}
+        for reduction in capture.REDUCTIONS:
+            with ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction=reduction) as cap:
+                layers = cap.run(ids, mask, delim)
+                runs[reduction] = [cap.embedding, *layers]
+        for stats in runs.values():
+            assert len(stats) == model.config.num_hidden_layers + 1
+            for got, want in zip(stats, runs["reference"]):
+                _assert_identical(got, want)
+        assert sum(int(s.massive_count.sum()) for s in runs["reference"]) > 0
 
 
 def test_non_finite_values_are_counted_and_json_stays_strict(tmp_path):

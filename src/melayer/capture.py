@@ -5,9 +5,17 @@ sequence and discards it, so memory is O(layers × dims) per prompt instead of e
 first token, the first delimiter and every dim's largest value over the other tokens are kept per dim
 (signed for the first two), so any massive value on any token is seen, and massive entries are counted
 exactly. Pad tokens are excluded using the attention mask (left padding aware, via :class:`TokenContext`).
+
+:func:`reduce_hidden` defines the statistics. :meth:`ResidualCapture.run` computes the same values more cheaply
+(:class:`ReductionPlan`): the token masks are built once per forward on the host, the per-block work is ~30
+kernels packed into two tensors, all blocks reach the host in two copies, and on a GPU each block's reduction
+is one CUDA graph replay, because a small model's forward is launch bound there and the hooks' launches, not
+their arithmetic, are the cost.
 """
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -81,21 +89,180 @@ def reduce_hidden(h: torch.Tensor, valid: torch.Tensor, first_sel: torch.Tensor,
     )
 
 
+REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
+
+
+def nanmedian_rows(flat: torch.Tensor) -> torch.Tensor:
+    """``torch.nanmedian(flat, dim=1).values``. On CUDA that selects with one thread block per row (milliseconds
+    for a million values); a sort of the rows uses the whole GPU and picks the same element, the lower median
+    of the non-NaN values (NaN sorts last)."""
+    if not flat.is_cuda:
+        return torch.nanmedian(flat, dim=1).values
+    return nanmedian_by_sort(flat)
+
+
+def nanmedian_by_sort(flat: torch.Tensor) -> torch.Tensor:
+    """The sort-based ``nanmedian`` over dim 1 (NaN where a row has no other value); no host sync."""
+    non_nan = (flat == flat).sum(1)
+    rank = torch.div(non_nan - 1, 2, rounding_mode="trunc")  # 0 for an all-NaN row, as nanmedian
+    return flat.sort(dim=1).values.gather(1, rank[:, None])[:, 0]
+
+
+class ReductionPlan:
+    """One forward's token layout, built once on the host from the attention mask: the masks that
+    :func:`reduce_hidden` rebuilds for every block, the first and delimiter positions as gather indices, and
+    what :meth:`unpack` finishes on the host after the one transfer.
+
+    ``delim_index`` (B,): each sequence's first delimiter position (-1 or out of range: none). The masks are
+    copied to each device that asks (:meth:`on`; a device map spreads the blocks).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, delim_index: Optional[torch.Tensor] = None):
+        valid = attention_mask.cpu() != 0
+        batch, self.tokens = valid.shape
+        positions = torch.arange(self.tokens)
+        self.first = valid.int().argmax(1)  # as TokenContext: the first real token
+        delim = torch.full((batch,), -1) if delim_index is None else delim_index.cpu().long()
+        has_delim = (delim >= 0) & (delim < self.tokens)
+        first_sel = positions == self.first[:, None]
+        others = valid & ~first_sel
+        self.others_count = others.sum(1).clamp(min=1)
+        carrier_absent = torch.stack([torch.zeros_like(has_delim), ~has_delim], 1)[..., None]
+        self._masks = {
+            "pad": None if valid.all() else ~valid[..., None],
+            "first_sel": first_sel,
+            "others": others,
+            "rest_excluded": ~(others & (positions != delim[:, None]))[..., None],
+            "carrier_pos": torch.stack([self.first, torch.where(has_delim, delim, 0)], 1),
+            "carrier_absent": carrier_absent if carrier_absent.any() else None,
+        }
+        self._on: dict[torch.device, dict] = {}
+
+    def on(self, device: torch.device) -> dict[str, Optional[torch.Tensor]]:
+        if device not in self._on:
+            self._on[device] = {k: None if m is None else m.to(device) for k, m in self._masks.items()}
+        return self._on[device]
+
+    def unpack(self, floats: torch.Tensor, ints: torch.Tensor) -> list[LayerStats]:
+        """(N, B, ·) stacks of :func:`reduce_packed` outputs, on the host, into N :class:`LayerStats`: the last
+        steps of :func:`reduce_hidden`, done once for all blocks instead of per block on the device."""
+        dim = ints.shape[-1] - 4
+        max_abs, median, first_norm, rest_norm_sum = floats[..., 3 * dim:].unbind(-1)
+        arg, massive_count, massive_tokens, finite = ints[..., dim:].unbind(-1)
+        values = dict(
+            max_abs=max_abs, max_pos=arg // dim - self.first, max_dim=arg % dim, median_abs=median,
+            first=floats[..., :dim], delim=floats[..., dim:2 * dim],
+            rest_max_abs=floats[..., 2 * dim:3 * dim].clamp(min=0.0), rest_argmax=ints[..., :dim] - self.first[:, None],
+            first_norm=first_norm, rest_norm=rest_norm_sum / self.others_count, massive_count=massive_count,
+            massive_tokens=massive_tokens, nonfinite=self.tokens * dim - finite,
+        )
+        return [LayerStats(**dict(zip(values, row))) for row in zip(*(v.unbind(0) for v in values.values()))]
+
+
+def reduce_packed(h: torch.Tensor, masks: dict, abs_threshold: float = 100.0,
+                  ratio: float = 1000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reduce_hidden`'s values from a plan's ``masks``, packed as floats (B, 3D + 4) and ints (B, D + 4)
+    for :meth:`ReductionPlan.unpack`. Same operations where floats are summed, so the values are identical."""
+    hf = h.float()
+    a = hf.abs()
+    batch, _, dim = a.shape
+    pad = masks["pad"]
+    a_real = a if pad is None else a.masked_fill(pad, 0.0)
+    max_abs, arg = a_real.reshape(batch, -1).max(1)
+    median = nanmedian_rows((a if pad is None else a.masked_fill(pad, float("nan"))).reshape(batch, -1))
+    carriers = hf.gather(1, masks["carrier_pos"][..., None].expand(-1, -1, dim))  # (B, 2, D): first, delimiter
+    if masks["carrier_absent"] is not None:
+        carriers = carriers.masked_fill(masks["carrier_absent"], 0.0)
+    norms = hf.norm(dim=-1)
+    first_norm = (norms * masks["first_sel"]).sum(1)
+    rest_norm_sum = (norms * masks["others"]).sum(1)
+    threshold = torch.clamp(median * ratio, min=abs_threshold)
+    massive = a_real > threshold[:, None, None]
+    finite = torch.isfinite(a_real).sum((1, 2))  # pads are 0 here: finite
+    rest_max, rest_arg = a.masked_fill_(masks["rest_excluded"], -1.0).max(1)  # in place: a's last use
+    floats = torch.cat([carriers.reshape(batch, -1), rest_max,
+                        torch.stack([max_abs, median, first_norm, rest_norm_sum], 1)], 1)
+    ints = torch.cat([rest_arg, torch.stack([arg, massive.sum((1, 2)), massive.any(-1).sum(1), finite], 1)], 1)
+    return floats, ints
+
+
+class GraphedReduction:
+    """:func:`reduce_packed` for one input shape and mask layout, captured as a CUDA graph: one launch replays
+    its ~30 kernels. The graph reads its own copies of the input and the masks, refreshed before a replay."""
+
+    def __init__(self, h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float):
+        from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
+
+        self.input = h.clone()
+        self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
+        self.masks_of = masks
+        side = torch.cuda.Stream(h.device)
+        side.wait_stream(torch.cuda.current_stream(h.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
+            reduce_packed(self.input, self.masks, abs_threshold, ratio)
+        torch.cuda.current_stream(h.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        outputs = []
+        _capture(self.graph, side, lambda: outputs.extend(reduce_packed(self.input, self.masks, abs_threshold, ratio)))
+        self.outputs = outputs
+
+    def __call__(self, h: torch.Tensor, masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if masks is not self.masks_of:  # a new forward's plan
+            for k, m in masks.items():
+                if m is not None:
+                    self.masks[k].copy_(m)
+            self.masks_of = masks
+        self.input.copy_(h)
+        self.graph.replay()
+        return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites the outputs
+
+
+_GRAPHS: "OrderedDict[tuple, Optional[GraphedReduction]]" = OrderedDict()
+GRAPHS_KEPT = 2  # each holds its intermediates' memory; a scan's batches mostly differ in width anyway
+
+
+def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float) -> Optional[GraphedReduction]:
+    """The captured reduction for ``h``'s shape and the mask layout, shared by every capture (a scan makes one
+    per run); None where the capture failed, and the caller reduces eagerly (same values)."""
+    key = (tuple(h.shape), h.dtype, h.device, abs_threshold, ratio, tuple(m is None for m in masks.values()))
+    if key not in _GRAPHS:
+        try:
+            with torch.cuda.device(h.device):
+                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio)
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=2)
+            _GRAPHS[key] = None
+        while len(_GRAPHS) > GRAPHS_KEPT:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return _GRAPHS[key]
+
+
 class ResidualCapture:
     """Hooks every decoder block and keeps a :class:`LayerStats` per block for the last forward, plus the
     statistics of the embeddings (block 0's input) in ``embedding``.
 
-    ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts.
+    ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
+    :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
+    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto" (eager: the graph replay stays opt-in until
+    ``benchmarks/bench_scan.py --device cuda`` has measured it).
+    A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
-    def __init__(self, model: nn.Module, abs_threshold: float = 100.0, ratio: float = 1000.0):
+    def __init__(self, model: nn.Module, abs_threshold: float = 100.0, ratio: float = 1000.0, reduction: str = "auto"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.model = model
         self.abs_threshold, self.ratio = abs_threshold, ratio
+        self.reduction = reduction
         self.hooks = HookGroup()
         self.ctx = TokenContext(model, self.hooks)
         self.delim_index: Optional[torch.Tensor] = None
+        self.plan: Optional[ReductionPlan] = None
+        self.graphed = False
         self.stats: dict[int, LayerStats] = {}
         self.embedding: Optional[LayerStats] = None
+        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         layers = adapter_for(model).layers(model)
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
         for i, block in enumerate(layers):
@@ -108,16 +275,30 @@ class ResidualCapture:
             delim_sel = torch.zeros_like(ctx.valid)
         else:
             delim_sel = ctx.chunk_pos[None, :] == delim.to(ctx.chunk_pos.device)[:, None]
-        with torch.no_grad():  # stays on the device: one transfer after the forward, no per-block sync
-            return reduce_hidden(h.detach(), ctx.valid, ctx.first_token(), delim_sel, ctx.first,
-                                 self.abs_threshold, self.ratio)
+        return reduce_hidden(h, ctx.valid, ctx.first_token(), delim_sel, ctx.first, self.abs_threshold, self.ratio)
+
+    def _keep(self, index: int, h: torch.Tensor) -> None:
+        """Reduce one hidden state (index -1: the embeddings) on its device: no host sync."""
+        h = h.detach()
+        with torch.no_grad():
+            if self.plan is None:
+                stats = self._reduce(h)
+                if index < 0:
+                    self.embedding = stats
+                else:
+                    self.stats[index] = stats
+                return
+            masks = self.plan.on(h.device)
+            graph = graphed_reduction(h, masks, self.abs_threshold, self.ratio) if self.graphed and h.is_cuda else None
+            self._packs[index] = (graph(h, masks) if graph is not None
+                                  else reduce_packed(h, masks, self.abs_threshold, self.ratio))
 
     def _embedding_hook(self, module, args, kwargs):
-        self.embedding = self._reduce(hidden_arg(args, kwargs))
+        self._keep(-1, hidden_arg(args, kwargs))
 
     def _make_hook(self, index: int):
         def hook(module, args, output):
-            self.stats[index] = self._reduce(block_output(output))
+            self._keep(index, block_output(output))
 
         return hook
 
@@ -128,14 +309,31 @@ class ResidualCapture:
 
         ``delim_index`` (B,): the absolute position of each sequence's first delimiter token (-1: none).
         """
-        self.stats, self.embedding = {}, None
-        self.delim_index = delim_index
         device = device_of(self.model)
-        adapter_for(self.model).decoder(self.model)(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-        )
-        self.embedding = self.embedding.to("cpu")
-        return [self.stats[i].to("cpu") for i in range(len(self.stats))]
+        reduction = self.reduction
+        if reduction == "auto":
+            reduction = "eager"
+        self.stats, self.embedding, self._packs = {}, None, {}
+        self.delim_index = delim_index
+        plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
+        if plan is not None:
+            plan.on(device)  # host-to-device copies wait for the stream: make them before the forward, not in it
+        self.plan, self.graphed = plan, reduction == "cuda_graph"
+        try:
+            adapter_for(self.model).decoder(self.model)(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
+            )
+        finally:
+            self.plan = None
+        if plan is None:
+            self.embedding = self.embedding.to("cpu")
+            return [self.stats[i].to("cpu") for i in range(len(self.stats))]
+        packs = [self._packs[i] for i in sorted(self._packs)]  # the embeddings (-1) first
+        self._packs = {}
+        floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
+        self.embedding, *layers = plan.unpack(floats, ints)
+        self.stats = dict(enumerate(layers))
+        return layers
 
     def remove(self) -> None:
         self.hooks.remove()
