@@ -4,14 +4,16 @@
 #   mkdir -p logs && setsid nohup bash benchmarks/gpu/science_jobs.sh smollm2 > logs/smollm2.log 2>&1 < /dev/null &
 # Jobs: smollm2, qwen25coder (scan, explain with 128 prompts, then the rate curves: each task at 10 rates x
 # {after_me, from_after_me} x {clean, paper}; an eval out dir resumes from its logged answers, and
-# `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan.
+# `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan, and the two pre-registered
+# confirmatory runs, exactly as docs/results/preregistration_{overrefusal,mmlu}.md fix them: confirm_overrefusal,
+# confirm_mmlu (analysed by benchmarks/confirmatory.py).
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
-job=${1:?usage: science_jobs.sh smollm2|qwen25coder|bench_scan}
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|bench_scan|confirm_overrefusal|confirm_mmlu}
 DATA_DIR=${DATA_DIR:-.carry/data}
 SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
-OUT=${OUT:-runs/gpu}
+OUT=${JOB_OUT:-runs/gpu}
 RATES=0,0.005,0.01,0.02,0.05,0.1,0.25,0.5,0.75,1
 run() { echo "== $(date +%T) melayer $*"; python3 -m melayer.cli "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
 
@@ -38,8 +40,14 @@ model_job() {  # everything for one model, cheapest first: scan, explain, then t
 case $job in
 smollm2) model_job "$SMOL_GGUF" smollm2 ;;
 qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
-bench_scan) python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
-              --out "$OUT/bench_scan_gpu.json" --profile ;;
+bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
+              --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
+confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
+    --seed 1 --wemask-rates 0,0.01 --wemask-mode paper --wemask-layers after_me --me-layer 1 --dtype bf16 \
+    --data-dir "$DATA_DIR" --out "$OUT/confirm_overrefusal" ;;
+confirm_mmlu) run eval "$QWEN_GGUF" --protocol paper --tasks melayer_mmlu --limit 3500 --seed 1 \
+    --wemask-rates 0,0.01 --wemask-layers from_after_me --me-layer 1 --data-dir "$DATA_DIR" \
+    --out "$OUT/confirm_mmlu" ;;
 *) echo "unknown job $job" >&2; exit 2 ;;
 esac
 echo "== $(date +%T) job $job done"

@@ -16,8 +16,8 @@ KEY = "melayer_wemask"
 
 # vLLM architectures (config.json "architectures") whose vLLM implementation calls
 # ``self_attn(positions=..., hidden_states=...)`` with the pre-attention norm's output, mapped to the module under
-# vllm.model_executor.models that defines them (checked in vLLM 0.32). OLMo-2 is missing on purpose: vLLM runs it
-# through its Transformers backend, whose attention call has another shape.
+# vllm.model_executor.models that defines them (checked in vLLM 0.26 and 0.32: the same modules, classes and call).
+# OLMo-2 is missing on purpose: vLLM runs it through its Transformers backend, whose attention call has another shape.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",

@@ -65,7 +65,7 @@ def _mask(rate, layers, mode, me_layer) -> WeMaskConfig:
 def _why(module: str) -> str:
     if module.startswith("vllm."):
         return ("melayer's vllm.general_plugins entry point did not run (is melayer installed in this environment, "
-                "and not excluded by VLLM_PLUGINS?)")
+                "or its entry point staged as benchmarks/gpu/setup_vllm.sh does, and not excluded by VLLM_PLUGINS?)")
     return (f"another vllm.general_plugins entry point registered {module} for this architecture (uninstall it, or "
             "run with VLLM_PLUGINS=melayer)")
 
