@@ -509,6 +509,32 @@ def test_build_preferences_masks_sampling_seeds_per_prompt_and_records(tmp_path,
         write_preferences(rows, built, tmp_path / "other.jsonl")
 
 
+def test_batched_preference_sampling_equals_one_prompt_at_a_time(refusal_data, tokenizer):
+    """Left padding must not change what a prompt generates: with top-p so small that only the top token is ever
+    kept, sampling is deterministic, and a block of prompts of different lengths gives each prompt exactly what
+    it gets alone. A block build samples prompt_batch prompts per call and labels every one of them."""
+    from melayer.training.preferences import PreferenceConfig, build_preferences, prompt_items, sample, sample_batch
+
+    model = tiny_chat_model(tokenizer).eval()
+    cfg = PreferenceConfig(source="refusal", data_dir=str(refusal_data), n=2, limit=4, max_new_tokens=6, seed=1,
+                           fill="reference", prompt_batch=3)
+    prompts = [item["prompt"] for item in prompt_items(cfg)[:3]]
+    lengths = {len(tokenizer(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+                             add_special_tokens=False).input_ids) for p in prompts}
+    assert len(lengths) > 1  # the block really is padded
+    together = sample_batch(model, tokenizer, prompts, 2, seed=5, top_p=1e-9, max_new_tokens=6)
+    alone = [sample(model, tokenizer, p, 2, seed=9, top_p=1e-9, max_new_tokens=6) for p in prompts]
+    assert together == alone and all(len(s) == 2 for s in together)
+    shapes = []
+    generate = model.generate
+    model.generate = lambda *a, **k: shapes.append(k["input_ids"].shape[0]) or generate(*a, **k)
+    rows, built = build_preferences(model, tokenizer, cfg)
+    assert shapes == [3, 1]  # limit 4 in blocks of 3
+    assert sum(c["prompts"] for c in built.counts.values()) == 4 and built.prompt_batch == 3
+    with pytest.raises(MelayerError, match="prompt-batch"):
+        PreferenceConfig(source="refusal", data_dir=str(refusal_data), prompt_batch=0)
+
+
 # -- truncation at max_length, counted as TRL does it ------------------------------------------------------------
 
 def test_sft_counts_truncated_and_dropped_rows_like_trl(tmp_path, short_data, tokenizer):

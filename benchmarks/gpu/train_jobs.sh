@@ -33,7 +33,7 @@ grpo() { compare --algo grpo --model "$SMOL_GGUF" --data-dir "$DATA_DIR" --out "
            --max-steps 80 --max-completion-length 200 --save-steps 20 --eval-batch-size 256 \
            --max-new-tokens 512 "$@"; }
 dpo() { compare --algo dpo --model "$QWEN_GGUF" --data "$PREFS" --data-dir "$DATA_DIR" --out "$OUT/dpo" \
-          --me-layer 1 --arms from_after_me --seeds 0 --lora --lr 2e-5 --max-steps 40 --batch-size 8 \
+          --me-layer 1 --arms from_after_me --seeds 0 --lora --lr 2e-5 --batch-size 8 \
           --save-steps 0 --eval-limit 520 --eval-batch-size 128 --eval-dtype bf16 "$@"; }
 
 case $job in
@@ -41,7 +41,7 @@ sft) sft --seeds "${2:?seed}" ;;
 grpo) grpo --train-arms "${2:?arm}" ;;
 dpo_prefs) echo "== $(date +%T) preferences"
   python3 -m melayer.cli data preferences "$QWEN_GGUF" --source refusal --data-dir "$DATA_DIR" --n 4 \
-    --limit 160 --max-new-tokens 96 --fill reference --seed 0 --out "$PREFS" ;;
+    --limit 512 --prompt-batch 32 --fill reference --seed 0 --out "$PREFS" ;;
 dpo) dpo --train-arms "${2:?arm}" ;;
 report) case ${2:?study} in
   sft) sft --seeds 0,1,2 --report-only ;;
