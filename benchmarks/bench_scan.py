@@ -132,13 +132,14 @@ def main() -> None:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
 
     from melayer import load_model
-    from melayer.capture import REDUCTIONS, ResidualCapture
+    from melayer.capture import REDUCTIONS, ResidualCapture, resolve_reduction
+    from melayer.report import console_table
 
     variants = (args.variants or "reference,eager" + (",cuda_graph" if args.device == "cuda" else "")).split(",")
     unknown = set(variants) - set(REDUCTIONS)
     if unknown:
         p.error(f"unknown --variants {sorted(unknown)}; choose from {REDUCTIONS}")
-    shipped = "cuda_graph" if args.device == "cuda" else "eager"  # what reduction="auto" resolves to
+    shipped = resolve_reduction("auto")
 
     t0 = time.perf_counter()
     load_model(args.model, device=args.device)  # warm the cache (first load dequantises)
@@ -221,17 +222,15 @@ def main() -> None:
     for name, row in table.items():
         if row["note"]:
             print(f"{name}: {row['note']}")
-    print(f"\nforward of {args.tokens} tokens on {args.device}, median of {args.repeats} "
-          f"(target: capture ≤ 1.10× plain; 'same stats': identical to the reference reduction)")
-    print(f"{'variant':<24}{'seconds':>10}{'× plain':>10}  same stats")
+    rows = []
     for name, row in table.items():
-        label = f"capture ({shipped})" if name == "capture" else name
-        seconds = "failed" if row["forward_s"] is None else f"{row['forward_s']:.4f}"
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
         same = "" if "differing_fields" not in row else (
             "yes" if not row["differing_fields"] else "NO: " + ", ".join(row["differing_fields"]))
-        print(f"{label:<24}{seconds:>10}{ratio:>10}  {same}")
-
+        rows.append([f"capture ({shipped})" if name == "capture" else name,
+                     "failed" if row["forward_s"] is None else row["forward_s"], row["ratio"], same])
+    console_table(f"forward of {args.tokens} tokens on {args.device}, median of {args.repeats} (target: capture "
+                  "≤ 1.10× plain; 'same stats': identical to the reference reduction)",
+                  ["variant", "seconds", "× plain", "same stats"], rows)
 
 if __name__ == "__main__":
     main()

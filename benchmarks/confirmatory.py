@@ -33,9 +33,10 @@ ALPHA, MARGIN, N_BOOT, SEED = 0.05, 0.05, 10_000, 0
 MMLU_DOCS, EXPLORATORY = 14_042, 500
 
 
-def paired(folder: Path, task: str, metric: str) -> tuple[list, np.ndarray, np.ndarray]:
-    """(doc ids, score at rate 0, score with WeMask) on the documents both conditions scored."""
-    conds, samples, _ = load_folder(folder)
+def paired(folder: Path, task: str, metric: str, loaded=None) -> tuple[list, np.ndarray, np.ndarray]:
+    """(doc ids, score at rate 0, score with WeMask) on the documents both conditions scored (``loaded``: the
+    folder's :func:`load_folder`, when several tasks are read)."""
+    conds, samples, _ = loaded or load_folder(folder)
     masked = [c for c in conds if c != "0"]
     if len(masked) != 1:
         raise SystemExit(f"{folder}: expected rate 0 and one WeMask condition, found {sorted(conds)}")
@@ -71,7 +72,8 @@ def upper_bound(drop: np.ndarray) -> float:
 
 
 def overrefusal(run: Path) -> tuple[dict, str]:
-    parts = {name: paired(run, task, "refusal") for name, task in
+    loaded = load_folder(run)
+    parts = {name: paired(run, task, "refusal", loaded) for name, task in
              (("xstest_safe", "melayer_xstest_safe"), ("harmless", "melayer_harmless"),
               ("xstest_unsafe", "melayer_xstest_unsafe"))}
     safe_base = np.concatenate([parts["xstest_safe"][1], parts["harmless"][1]])

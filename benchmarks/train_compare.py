@@ -6,7 +6,8 @@ and every arm is compared with the baseline of the same seed, paired item by ite
 Layout (resumable: a finished run's final/ is reused, an interrupted one resumes from its last checkpoint,
 an evaluation from its response log): OUT/<arm>/seed<S>/{final/, train_report.json, eval/}, arms
 ``baseline`` and one per ``--arms`` layer set. Seeds can run in separate processes on one GPU (``--seeds 1``
-in each, same OUT; ``--train-arms`` splits the arms the same way), then ``--report-only`` gathers whatever finished into OUT/train_compare.{md,json,png}.
+in each, same OUT; ``--train-arms`` splits the arms the same way), then ``--report-only`` gathers whatever
+finished into OUT/train_compare.{md,json,png}.
 
     # SFT on GSM8K, 3 seeds, both layer sets (one epoch; GPU)
     python benchmarks/train_compare.py --algo sft --data-dir ../shared/data --out runs/sft \\
@@ -38,8 +39,9 @@ from melayer.evaluate import EvalConfig, run_eval
 from melayer.evaluate.summary import load_folder, per_document
 from melayer.masking import WeMaskConfig, parse_layers
 from melayer.report import console_table, markdown_table, new_figure, write_report
-from melayer.stats import holm, mcnemar_exact, discordant, paired_bootstrap_diff
+from melayer.stats import holm, paired_test
 from melayer.training import TrainConfig, train
+from melayer.training.report import CURVES, log_series
 from melayer.training.runner import FINAL_DIR
 
 # task -> (metric, higher is better); the default evaluations of each algorithm
@@ -50,7 +52,6 @@ METRICS = {"melayer_gsm8k": ("exact_match", True), "melayer_math500": ("math_ver
 EVAL_TASKS = {"sft": ["melayer_gsm8k"], "grpo": ["melayer_gsm8k", "melayer_math500"],
               "dpo": ["melayer_xstest_safe", "melayer_harmless", "melayer_xstest_unsafe", "melayer_advbench",
                       "melayer_harmbench"]}
-CURVES = {"loss": "training loss", "reward": "mean reward", "rewards/margins": "DPO reward margin"}
 N_BOOT, N_PERM = 10_000, 20_000
 
 
@@ -90,6 +91,10 @@ def parse_args(argv=None):
                                                      "in another)")
     p.add_argument("--report-only", action="store_true", help="gather finished runs into the report")
     return p.parse_args(argv)
+
+
+def eval_tasks(args) -> list[str]:
+    return args.eval_tasks.split(",") if args.eval_tasks else EVAL_TASKS[args.algo]
 
 
 def configs(args) -> dict[tuple[str, int], TrainConfig]:
@@ -137,19 +142,19 @@ def evaluate(final: Path, args, tasks: list[str]) -> None:
     (final.parent / "eval" / "wall_seconds.json").write_text(json.dumps({"eval_wall_s": time.perf_counter() - t0}))
 
 
-def item_scores(run: Path, task: str, masked: bool) -> dict:
-    """doc -> score on one task of the run's model evaluated with its mask (``masked``) or at rate 0 ({} if not
-    evaluated yet). The evaluation always holds rate 0; a WeMask arm's masked condition is its other one."""
+def run_scores(run: Path, tasks: list[str]) -> dict[tuple[bool, str], dict]:
+    """(masked, task) -> doc -> score of the run's model, from one read of its evaluation ({} if not evaluated
+    yet). The evaluation always holds rate 0 (masked False); a WeMask arm's masked condition is its other one."""
     if not (run / "eval").is_dir():
         return {}
     _, samples, _ = load_folder(run / "eval")
-    metric = METRICS.get(task, (None,))[0]
-    for (cond, t), rows in samples.items():
-        if t == task and (cond != "0") == masked:
+    out = {}
+    for (cond, task), rows in samples.items():
+        if task in tasks:
             docs = per_document(rows)
-            values = docs.get(metric) or next(iter(docs.values()), {})
-            return {doc: num / den for doc, (num, den) in values.items()}
-    return {}
+            values = docs.get(METRICS.get(task, (None,))[0]) or next(iter(docs.values()), {})
+            out[cond != "0", task] = {doc: num / den for doc, (num, den) in values.items()}
+    return out
 
 
 def pooled_test(diffs: np.ndarray, seed: int = 0) -> dict:
@@ -167,15 +172,16 @@ def pooled_test(diffs: np.ndarray, seed: int = 0) -> dict:
 
 def compare(args, cfgs) -> dict:
     """Per task and arm: scores per seed, the per-seed paired tests and the pooled test, with Holm."""
-    tasks = args.eval_tasks.split(",") if args.eval_tasks else EVAL_TASKS[args.algo]
+    tasks = eval_tasks(args)
     seeds = sorted({s for _, s in cfgs})
     trained = [a for a in dict.fromkeys(a for a, _ in cfgs) if a != "baseline"]
     scores = {}
     for (arm, s), cfg in cfgs.items():
+        found = run_scores(Path(cfg.out), tasks)
         for t in tasks:
-            scores[arm, s, t] = item_scores(Path(cfg.out), t, masked=arm != "baseline")
+            scores[arm, s, t] = found.get((arm != "baseline", t), {})
             if arm != "baseline":  # secondary: the WeMask-trained model evaluated without its mask
-                scores[f"{arm} (eval unmasked)", s, t] = item_scores(Path(cfg.out), t, masked=False)
+                scores[f"{arm} (eval unmasked)", s, t] = found.get((False, t), {})
     arms = trained + [f"{a} (eval unmasked)" for a in trained]
     rows, pooled = [], []
     for task in tasks:
@@ -188,21 +194,17 @@ def compare(args, cfgs) -> dict:
                 if not common:
                     continue
                 a, b = np.array([base[d] for d in common]), np.array([mine[d] for d in common])
-                boot = paired_bootstrap_diff(a, np.ones_like(a), b, np.ones_like(b), seed=s)
-                only_base, only_arm = discordant(a, b)
+                test = paired_test((a, np.ones_like(a)), (b, np.ones_like(b)), binary=True, exp=False, seed=s)
                 per_seed.append({"seed": s, "n": len(common), "baseline": float(a.mean()), "arm": float(b.mean()),
-                                 "diff": boot["diff"], "diff_ci": boot["ci"], "mcnemar_p": mcnemar_exact(only_base, only_arm),
-                                 "only_baseline": only_base, "only_arm": only_arm, "docs": common})
+                                 "diff": test["diff"], "diff_ci": test["diff_ci"], "mcnemar_p": test["mcnemar_p"],
+                                 "only_baseline": test["only_base"], "only_arm": test["only_other"]})
                 diffs.append((b - a, common))
             if not diffs:
                 continue
             shared = sorted(set.intersection(*(set(c) for _, c in diffs)))
             matrix = np.array([[d[c.index(doc)] for doc in shared] for d, c in diffs])
-            result = {"task": task, "arm": arm, "higher_is_better": higher, "per_seed": per_seed,
-                      "pooled": pooled_test(matrix)}
-            for r in per_seed:
-                del r["docs"]
-            pooled.append(result)
+            pooled.append({"task": task, "arm": arm, "higher_is_better": higher, "per_seed": per_seed,
+                           "pooled": pooled_test(matrix)})
     for result, p in zip(pooled, holm([r["pooled"]["p"] for r in pooled])):
         result["pooled"]["holm_p"] = p
         result["verdict"] = verdict(result)
@@ -227,7 +229,7 @@ def curves(cfgs) -> dict:
         path = Path(cfg.out) / "train_report.json"
         if path.is_file():
             history = json.loads(path.read_text()).get("log_history", [])
-            out[arm, seed] = {k: [(r["step"], r[k]) for r in history if k in r and "step" in r] for k in CURVES}
+            out[arm, seed] = {k: log_series(history, k) for k in CURVES}
     return out
 
 
@@ -282,11 +284,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfgs = configs(args)
     if not args.report_only:
-        tasks = args.eval_tasks.split(",") if args.eval_tasks else EVAL_TASKS[args.algo]
         only = args.train_arms.split(",") if args.train_arms else None
         for (arm, _), cfg in cfgs.items():
             if only is None or arm in only:
-                evaluate(run_training(cfg), args, tasks)
+                evaluate(run_training(cfg), args, eval_tasks(args))
     report(args, cfgs)
     return 0
 

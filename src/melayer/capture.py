@@ -8,9 +8,9 @@ exactly. Pad tokens are excluded using the attention mask (left padding aware, v
 
 :func:`reduce_hidden` defines the statistics. :meth:`ResidualCapture.run` computes the same values more cheaply
 (:class:`ReductionPlan`): the token masks are built once per forward on the host, the per-block work is ~30
-kernels packed into two tensors, all blocks reach the host in two copies, and on a GPU each block's reduction
-is one CUDA graph replay, because a small model's forward is launch bound there and the hooks' launches, not
-their arithmetic, are the cost.
+kernels packed into two tensors, and all blocks reach the host in two copies. On a GPU each block's reduction
+can also be one CUDA graph replay (opt-in until measured), because a small model's forward is launch bound
+there and the hooks' launches, not their arithmetic, are the cost.
 """
 from __future__ import annotations
 
@@ -92,10 +92,16 @@ def reduce_hidden(h: torch.Tensor, valid: torch.Tensor, first_sel: torch.Tensor,
 REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
 
 
+def resolve_reduction(reduction: str) -> str:
+    """What ``reduction="auto"`` runs: eager everywhere, until ``benchmarks/bench_scan.py --device cuda`` has
+    measured the graph replay."""
+    return "eager" if reduction == "auto" else reduction
+
+
 def nanmedian_rows(flat: torch.Tensor) -> torch.Tensor:
     """``torch.nanmedian(flat, dim=1).values``. On CUDA that selects with one thread block per row (milliseconds
     for a million values); a sort of the rows uses the whole GPU and picks the same element, the lower median
-    of the non-NaN values (NaN sorts last). On a CPU a bracketed selection picks it ~5x faster."""
+    of the non-NaN values (NaN sorts last). On a CPU a bracketed selection picks it ~3x faster."""
     if not flat.is_cuda:
         return torch.stack([nanmedian_by_bracket(row) for row in flat])
     return nanmedian_by_sort(flat)
@@ -263,8 +269,8 @@ class ResidualCapture:
 
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
-    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto" (eager: the graph replay stays opt-in until
-    ``benchmarks/bench_scan.py --device cuda`` has measured it).
+    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto"
+    (:func:`resolve_reduction`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
@@ -329,9 +335,7 @@ class ResidualCapture:
         ``delim_index`` (B,): the absolute position of each sequence's first delimiter token (-1: none).
         """
         device = device_of(self.model)
-        reduction = self.reduction
-        if reduction == "auto":
-            reduction = "eager"
+        reduction = resolve_reduction(self.reduction)
         self.stats, self.embedding, self._packs = {}, None, {}
         self.delim_index = delim_index
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)

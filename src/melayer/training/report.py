@@ -7,7 +7,7 @@ from ..report import markdown_table, new_figure, write_report
 CURVES = {"loss": "training loss", "reward": "mean reward", "rewards/margins": "DPO reward margin"}
 
 
-def _series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
+def log_series(log_history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in log_history if key in r and "step" in r]
 
 
@@ -24,7 +24,7 @@ def summary(result) -> dict:
         out["ref_tokens_masked"] = result.ref_tokens_masked
     out.update(getattr(result, "data_stats", None) or {})
     for key in CURVES:
-        series = _series(result.log_history, key)
+        series = log_series(result.log_history, key)
         if series:
             out[f"{key}_first"], out[f"{key}_last"] = series[0][1], series[-1][1]
     zero_std = [float(r["frac_reward_zero_std"]) for r in result.log_history if "frac_reward_zero_std" in r]
@@ -41,7 +41,7 @@ def write_train_report(result) -> None:
     stats = summary(result)
     figures = {}
     for key, label in CURVES.items():
-        series = _series(result.log_history, key)
+        series = log_series(result.log_history, key)
         if series:
             fig, ax = new_figure(figsize=(6, 3.5))
             ax.plot(*zip(*series), marker=".")
