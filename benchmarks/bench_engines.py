@@ -6,7 +6,9 @@
 The workload is what a SmolLM2 sweep generates: GSM8K, IFEval and XSTest prompts (chat template, greedy, the
 model's real EOS, so output lengths vary). Every engine gets the same prompts; melayer's batched engines and
 ``generate`` get length-sorted batches of ``--batch-size``; the continuous-batching engines (transformers'
-``generate_batch``, vLLM) get every prompt at once and schedule them themselves. Engines:
+``generate_batch``, vLLM) get every prompt at once and schedule them themselves. Each engine first runs one
+untimed batch (8 new tokens: kernels, allocator, graphs), then the workload ``--repeats`` times (median wall).
+Engines:
 
 - ``hf_generate``: ``model.generate`` with the dynamic cache (the reference for token agreement);
 - ``hf_static``: ``model.generate(cache_implementation="static")``;
@@ -22,7 +24,9 @@ do not support, so it runs unmasked only. Figures and commands: ``docs/results/b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("gsm8k", "ifeval", "xstest")
+WARMUP_TOKENS = 8  # new tokens of each engine's untimed warm-up batch
 
 
 def workload(tokenizer, data_dir: str, per_task: int, seed: int) -> list[tuple[str, list[int]]]:
@@ -137,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--vllm", action="store_true", help="also run vLLM, unmasked and with WeMask")
     p.add_argument("--vllm-args", default="", help="extra LLM(...) arguments, key=value,... (lm-eval syntax)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per engine after its warm-up (median wall)")
     p.add_argument("--out", default=None, help="write bench_engines.json/.md here")
     args = p.parse_args(argv)
 
@@ -151,6 +157,7 @@ def main(argv=None) -> int:
     items = workload(tok, args.data_dir, args.items_per_task, args.seed)
     prompts = [ids for _, ids in items]
     eos = set(eos_ids(tok, model))
+    n = args.max_new_tokens
     wemask = WeMaskConfig(rate=args.rate, me_layer=args.me_layer).resolved(model, tok)
     wanted = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not on_gpu and "melayer_static" in wanted:
@@ -163,35 +170,37 @@ def main(argv=None) -> int:
 
     runs: dict[str, dict] = {}
 
-    def timed(name: str, fn: Callable[[], list[list[int]]], masked: bool = False) -> None:
+    def timed(name: str, fn: Callable[[list, int], list[list[int]]], masked: bool = False) -> None:
+        """``fn(prompts, max_new)``: warmed up on one batch (kernels, allocator, graphs for these shapes), then
+        timed ``--repeats`` times on the whole workload; the median wall counts."""
         gc.collect()
-        sync()
-        t0 = time.perf_counter()
+        walls = []
         try:
-            if masked:
-                with apply_wemask(model, wemask):
-                    ids = fn()
-            else:
-                ids = fn()
+            with apply_wemask(model, wemask) if masked else contextlib.nullcontext():
+                fn(prompts[:b], WARMUP_TOKENS)
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    ids = fn(prompts, n)
+                    sync()
+                    walls.append(time.perf_counter() - t0)
         except Exception as e:  # an engine that cannot run this model here is recorded, not fatal
             runs[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             print(f"{name}: {runs[name]['error']}", flush=True)
             return
-        sync()
-        wall = time.perf_counter() - t0
+        wall = statistics.median(walls)
         tokens = sum(len(x) for x in ids)
-        runs[name] = {"ids": ids, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+        runs[name] = {"ids": ids, "wall_s": wall, "walls_s": walls, "tokens": tokens, "tokens_per_s": tokens / wall,
                       "items_per_s": len(ids) / wall}
-        print(f"{name}: {wall:.1f} s, {tokens} tokens, {tokens / wall:.1f} tok/s", flush=True)
+        print(f"{name}: {wall:.2f} s (median of {len(walls)}), {tokens} tokens, {tokens / wall:.1f} tok/s", flush=True)
 
-    n, b = args.max_new_tokens, args.batch_size
-    batched(prompts[:2], 2, hf_engine(model, tok, 4, eos))  # warm-up (kernels, allocator) outside the timings
-    makers: dict[str, Callable] = {
-        "hf_generate": lambda: batched(prompts, b, hf_engine(model, tok, n, eos)),
-        "hf_static": lambda: batched(prompts, b, hf_engine(model, tok, n, eos, static=True)),
-        "hf_continuous": lambda: hf_continuous(model, prompts, n, eos, pad_id(tok)),
-        "melayer_compact": lambda: batched(prompts, b, melayer_engine(model, tok, n, eos, "compact")),
-        "melayer_static": lambda: batched(prompts, b, melayer_engine(model, tok, n, eos, "static")),
+    b = args.batch_size
+    makers: dict[str, Callable[[list, int], list[list[int]]]] = {
+        "hf_generate": lambda qs, m: batched(qs, b, hf_engine(model, tok, m, eos)),
+        "hf_static": lambda qs, m: batched(qs, b, hf_engine(model, tok, m, eos, static=True)),
+        "hf_continuous": lambda qs, m: hf_continuous(model, qs, m, eos, pad_id(tok)),
+        "melayer_compact": lambda qs, m: batched(qs, b, melayer_engine(model, tok, m, eos, "compact")),
+        "melayer_static": lambda qs, m: batched(qs, b, melayer_engine(model, tok, m, eos, "static")),
     }
     for name in ["hf_generate", *[w for w in wanted if w != "hf_generate"]]:
         timed(name, makers[name])
@@ -209,14 +218,14 @@ def main(argv=None) -> int:
         if not on_gpu:
             base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
         base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
-        params = SamplingParams(temperature=0.0, max_tokens=n, stop_token_ids=sorted(eos))
         for name, entry in (("vllm", None), ("vllm + wemask", wemask_entry(wemask))):
             t0 = time.perf_counter()
             llm = LLM(**engine_kwargs(entry, base, on_gpu))
             vllm_start[name] = time.perf_counter() - t0
 
-            def run(llm=llm):
-                done = llm.generate([{"prompt_token_ids": q} for q in prompts], params, use_tqdm=False)
+            def run(qs, m, llm=llm):
+                params = SamplingParams(temperature=0.0, max_tokens=m, stop_token_ids=sorted(eos))
+                done = llm.generate([{"prompt_token_ids": q} for q in qs], params, use_tqdm=False)
                 return [trim(d.outputs[0].token_ids, eos) for d in done]
 
             timed(name, run)
@@ -247,7 +256,7 @@ def main(argv=None) -> int:
     setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "items": len(prompts),
              "tasks": list(TASKS), "items_per_task": args.items_per_task, "max_new_tokens": n, "batch_size": b,
              "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
-             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+             "repeats": args.repeats, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     if args.out:
         md = (f"# Generation engines\n\n`{setup['command']}`\n\n{len(prompts)} prompts ({', '.join(TASKS)}, "
               f"{args.items_per_task} each), greedy, real EOS, ≤ {n} new tokens, batch {b} for the batched engines; "

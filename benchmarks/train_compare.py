@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=None, help="GRPO KL weight / DPO temperature")
     p.add_argument("--num-generations", type=int, default=4, help="GRPO rollouts per prompt")
     p.add_argument("--max-completion-length", type=int, default=256, help="GRPO")
+    p.add_argument("--rollouts", default="hf", choices=["hf", "vllm"],
+                   help="GRPO: who generates (vllm: TRL's colocated engine, masked by melayer's plugin)")
+    p.add_argument("--vllm-memory", type=float, default=0.3, help="GRPO --rollouts vllm: the engine's GPU share")
     p.add_argument("--device", default=None)
     p.add_argument("--eval-tasks", default=None, help="comma-separated (default: per algorithm)")
     p.add_argument("--eval-limit", type=int, default=None, help="test items per task (default: all)")
@@ -101,7 +104,8 @@ def configs(args) -> dict[tuple[str, int], TrainConfig]:
     """(arm, seed) -> the run's config; arms differ from the baseline only in the mask."""
     data = args.data or ("refusal" if args.algo == "dpo" else "gsm8k")
     extra = {"max_length": args.max_length} if args.algo in ("sft", "dpo") else {
-        "num_generations": args.num_generations, "max_completion_length": args.max_completion_length}
+        "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
+        "rollouts": args.rollouts, "vllm_memory": args.vllm_memory}
     out = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in ["baseline", *args.arms.split(",")]:

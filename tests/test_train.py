@@ -337,6 +337,49 @@ def test_checkpointing_reaches_an_older_trainer_under_its_old_name(monkeypatch):
     assert _training_args(off, "cpu").gradient_checkpointing is False
 
 
+def test_vllm_rollouts_start_from_a_folder_that_names_the_policys_mask(tmp_path, tokenizer):
+    """--rollouts vllm: TRL builds its engine as ``LLM(model=model.name_or_path)``. That folder must hold the
+    initial weights and, in config.json, the run's resolved mask as melayer's vLLM plugin reads it (nothing for a
+    baseline), so rollouts are masked like the policy's forwards. (The engine's own masking is tested in
+    test_vllm.py through the same model-config route.)"""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from melayer.training.runner import _name_rollout_mask, _save_rollout_model, _training_args
+    from melayer.vllm_backend.models import mask_config
+
+    for rate in (0.05, 0.0):
+        model = tiny_chat_model(tokenizer)
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        cfg = TrainConfig(algo="grpo", data="gsm8k", out=str(tmp_path / f"rate{rate}"), batch_size=4,
+                          num_generations=2, rollouts="vllm", wemask=WeMaskConfig(rate=rate, me_layer=0))
+        folder = _save_rollout_model(model, tokenizer, cfg)
+        handle = apply_wemask(model, cfg.wemask, tokenizer=tokenizer)
+        cfg = dataclasses.replace(cfg, wemask=handle.config)
+        _name_rollout_mask(folder, cfg)
+        assert model.name_or_path == str(folder)
+        reloaded = dict(AutoModelForCausalLM.from_pretrained(folder).named_parameters())
+        assert all(torch.equal(reloaded[n], p) for n, p in initial.items())
+        engine = SimpleNamespace(additional_config={},
+                                 model_config=SimpleNamespace(hf_config=AutoConfig.from_pretrained(folder)))
+        seen = mask_config(engine)
+        if rate:
+            assert seen is not None and dataclasses.asdict(seen) == {**dataclasses.asdict(handle.config),
+                                                                     "layers": list(handle.config.layers)}
+            assert seen.layers == [1]  # resolved: the block after ME layer 0
+        else:
+            assert seen is None
+        handle.remove()
+    args = _training_args(cfg, "cpu")
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization) == (True, "colocate", 0.3)
+    assert _training_args(dataclasses.replace(cfg, rollouts="hf"), "cpu").use_vllm is False
+    with pytest.raises(MelayerError, match="correct mode"):
+        TrainConfig(algo="grpo", data="gsm8k", rollouts="vllm", wemask=WeMaskConfig(rate=0.05, mode="paper"))
+    with pytest.raises(MelayerError, match="for GRPO"):
+        TrainConfig(algo="sft", data="gsm8k", rollouts="vllm")
+
+
 # -- warm-up: step 1 learns ------------------------------------------------------------------------------------
 
 def _lrs(scheduler_type, total, warmup, shift):

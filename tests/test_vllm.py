@@ -268,3 +268,34 @@ def test_melayer_eval_engine_vllm_gives_engine_hf_answers(data_dir, tmp_path):
     record = json.loads((tmp_path / "vllm" / "provenance.json").read_text())
     assert record["engine"]["engine"] == "vllm" and record["versions"]["vllm"]
     assert (tmp_path / "vllm" / "report.md").is_file()
+
+
+@pytest.mark.vllm
+@pytest.mark.real
+@needs_vllm
+def test_grpo_vllm_rollouts_are_masked_like_the_policy(data_dir, tmp_path):
+    """``--rollouts vllm``: TRL's colocated engine samples, the hooked policy rescores every sampled token, and TRL
+    logs how far the two log-probs differ. With the mask in the engine (through the rollout folder's config.json)
+    the gap is the one an unmasked baseline shows (the engine's bf16 against the policy's fp32); an engine left
+    unmasked under a masked policy shows a gap several times larger, so the check can fail."""
+    runs = {}
+    for name, args in {"masked": ["0.05"], "baseline": ["0"], "engine unmasked": ["0.05", "--unmasked-engine"]}.items():
+        out = tmp_path / name.replace(" ", "_")
+        out.mkdir()
+        _run_vllm([str(ROOT / "tests" / "vllm_grpo.py"), str(data_dir), str(out), *args], timeout=1200,
+                  VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        runs[name] = json.loads((out / "result.json").read_text())
+    masked = runs["masked"]
+    assert masked["engine_class"] == "melayer.vllm_backend.models.WeMaskLlamaForCausalLM"
+    assert masked["engine_mask"] == {"rate": 0.05, "k": 28, "layers": [12], "mode": "correct", "gamma": 0.0}
+    assert masked["rollout_config_mask"] == masked["policy_mask"] and masked["hf_fired"] > 0
+    assert runs["baseline"]["engine_mask"] is None and runs["baseline"]["rollout_config_mask"] is None
+    assert runs["engine unmasked"]["engine_mask"] is None and runs["engine unmasked"]["hf_fired"] > 0
+
+    def gap(run):
+        steps = run["steps"]
+        assert len(steps) == 2  # both steps generated: the second after TRL pushed the updated weights
+        return sum(s["sampling/sampling_logp_difference/mean"] for s in steps) / len(steps)
+
+    assert gap(masked) < 2 * gap(runs["baseline"]), (gap(masked), gap(runs["baseline"]))
+    assert gap(runs["engine unmasked"]) > 4 * gap(masked), (gap(runs["engine unmasked"]), gap(masked))

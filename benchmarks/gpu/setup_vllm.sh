@@ -39,12 +39,13 @@
 # nvidia-cutlass-dsl/quack (FA4, SM100 only; the ll_bf16 warm-up skips without it), depyf (debug dumps only),
 # setproctitle (optional), blake3 (multimodal hashing), mistral_common (Mistral tokenizers), compressed-tensors
 # (quantized checkpoints), opentelemetry, ray, torchcodec/PyNvVideoCodec/opencv (media), gguf.
-# Not verified without the GPU (checked here on a CPU machine: every wheel installs, `from vllm import LLM,
-# SamplingParams` and the CUDA-path modules import with torch 2.11 + transformers 5.17 and the CUDA platform
-# forced, melayer's entry point is found and registers its classes): the engine's start and a generate on the H200
-# (CUDA 13 driver, FA3 kernels, torch.compile + CUDA graphs, the engine-core subprocess); Triton's JIT, which vLLM's
-# model runner uses even with enforce_eager=True, needs a C compiler and Python.h on the box (warned below);
-# versions of box packages against the carried wheels' pins (printed below).
+# Run on an offline H200 (python 3.12, torch 2.11, CUDA 13, transformers 5.17): the engine starts with
+# torch.compile and CUDA graphs (piecewise and full), unmasked and with melayer's WeMask, and generates. The one
+# change it needed: VLLM_USE_FLASHINFER_SAMPLER=0 (exported below), because the sampler's capability probe
+# imports flashinfer. Box packages that miss a carried wheel's pins there, harmlessly: numba 0.68 (vLLM pins 0.65),
+# setuptools 81 (vLLM pins <81); neither matters on this path. Triton's JIT, which vLLM's model runner uses even
+# with enforce_eager=True, needs a C compiler and Python.h on the box (warned below). Sharing the GPU with other
+# jobs: pass a gpu_memory_utilization that fits the memory free when the engine starts (else it refuses to start).
 VLLM_SITE=${VLLM_SITE:-/tmp/vllm-site}
 VLLM_CARRY=${VLLM_CARRY:-$PWD/.carry/vllm}
 _py=${PY:-python3}
@@ -82,6 +83,8 @@ case ":${PYTHONPATH:-}:" in
 esac
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+# flashinfer is not carried: without this the GPU sampler imports it when the engine starts, and the start fails
+export VLLM_USE_FLASHINFER_SAMPLER=0
 command -v gcc > /dev/null || command -v cc > /dev/null ||
   echo "warning: no C compiler: Triton's JIT (used by vLLM) will fail" >&2
 "$_py" - "$VLLM_SITE" <<'EOF' || return 1

@@ -3,9 +3,11 @@
 # resumable jobs that can share one GPU. Needs benchmarks/gpu/setup.sh sourced first. From the repository root:
 #   mkdir -p logs && setsid nohup bash benchmarks/gpu/train_jobs.sh sft 0 > logs/sft0.log 2>&1 < /dev/null &
 # Jobs:
-#   sft SEED     SmolLM2 SFT on GSM8K train (one epoch), baseline vs WeMask 0.01 at after_me and from_after_me;
-#                GSM8K test (all 1,319). Run one per seed (0, 1, 2), then `report sft`.
-#   grpo ARM     SmolLM2 GRPO on GSM8K (4 rollouts per prompt, KL 0.001), ARM baseline or from_after_me;
+#   sft SEED [ARGS] SmolLM2 SFT on GSM8K train (one epoch), baseline vs WeMask 0.01 at after_me and from_after_me;
+#                GSM8K test (all 1,319). Run one per seed (0, 1, 2), or one per
+#                seed and arm (ARGS: --train-arms baseline|after_me|from_after_me), then `report sft`.
+#   grpo ARM [ARGS] SmolLM2 GRPO on GSM8K (4 rollouts per prompt, KL 0.001), ARM baseline or from_after_me
+#                (ARGS: --rollouts vllm generates in TRL's colocated vLLM engine, after setup_vllm.sh);
 #                GSM8K test and MATH-500. Run both arms, then `report grpo`.
 #   dpo_prefs    the preference pairs for DPO: sampled from the unmasked Qwen2.5-Coder-1.5B on the refusal
 #                val prompts, judged by melayer's refusal classifier (shared by both DPO arms).
@@ -37,8 +39,8 @@ dpo() { compare --algo dpo --model "$QWEN_GGUF" --data "$PREFS" --data-dir "$DAT
           --save-steps 0 --eval-limit 520 --eval-batch-size 128 --eval-dtype bf16 "$@"; }
 
 case $job in
-sft) sft --seeds "${2:?seed}" ;;
-grpo) grpo --train-arms "${2:?arm}" ;;
+sft) sft --seeds "${2:?seed}" "${@:3}" ;;
+grpo) grpo --train-arms "${2:?arm}" "${@:3}" ;;
 dpo_prefs) echo "== $(date +%T) preferences"
   python3 -m melayer.cli data preferences "$QWEN_GGUF" --source refusal --data-dir "$DATA_DIR" --n 4 \
     --limit 512 --prompt-batch 32 --fill reference --seed 0 --out "$PREFS" ;;

@@ -6,13 +6,13 @@ import os
 
 from ..report import console_table
 from ..training import TrainConfig, train
-from ..training.config import DPO_LOSSES, PREFERENCE_SOURCES, REF_MASKS, SCHEDULERS
+from ..training.config import DPO_LOSSES, PREFERENCE_SOURCES, REF_MASKS, ROLLOUTS, SCHEDULERS
 from ..training.preferences import TRAIN_PAIRS
 from ..training.report import summary
 from .common import add_data_dir_arg, add_model_args, add_parser, add_wemask_args, wemask_from_args
 
 ALGOS = {"sft": "supervised fine-tuning on the GSM8K solutions",
-         "grpo": "GRPO with exact-answer and format rewards, HF-generate rollouts",
+         "grpo": "GRPO with exact-answer and format rewards, rollouts by the hooked model or vLLM",
          "dpo": "DPO on preference pairs (on-policy refusal/GSM8K pairs, or a preference file)"}
 DPO_DATA_HELP = (f"{' or '.join(PREFERENCE_SOURCES)}: on-policy pairs sampled from this model (masked as trained) "
                  f"and judged by melayer, built into the run folder (--limit pairs, default {TRAIN_PAIRS}: small, "
@@ -79,6 +79,11 @@ def register(sub) -> None:
                            help="KL weight (0: no reference model; the official recipe uses 0.001)")
             a.add_argument("--format-weight", type=float, default=0.2,
                            help="weight of the format reward ('#### N' last line or \\boxed{N}); correctness: 1")
+            a.add_argument("--rollouts", default="hf", choices=ROLLOUTS,
+                           help="who generates: the hooked policy (hf) or TRL's colocated vLLM engine with "
+                                "melayer's plugin masking it the same way (vllm; correct mode)")
+            a.add_argument("--vllm-memory", type=float, default=0.3, metavar="F",
+                           help="--rollouts vllm: the GPU share of the engine")
         a.set_defaults(handler=run)
 
 
@@ -90,7 +95,8 @@ def config_from_args(args) -> TrainConfig:
                      precompute_ref=args.precompute_ref)
     else:
         extra = dict(num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                     temperature=args.temperature, beta=args.beta, format_weight=args.format_weight)
+                     temperature=args.temperature, beta=args.beta, format_weight=args.format_weight,
+                     rollouts=args.rollouts, vllm_memory=args.vllm_memory)
     return TrainConfig(
         algo=args.algo, model=args.model, data=args.data, data_dir=args.data_dir, limit=args.limit,
         out=args.out or f"runs/train_{args.algo}", wemask=wemask_from_args(args), lora=args.lora,

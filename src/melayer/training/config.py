@@ -15,6 +15,7 @@ ALGOS = ("sft", "grpo", "dpo")
 DATASETS = ("gsm8k",)  # SFT and GRPO; DPO takes a built-in on-policy set (PREFERENCE_SOURCES) or a preference file
 PREFERENCE_SOURCES = ("refusal", "gsm8k")  # built by melayer.training.preferences from the policy itself
 REF_MASKS = ("policy", "none")
+ROLLOUTS = ("hf", "vllm")  # GRPO rollouts: the hooked HF policy, or TRL's colocated vLLM with melayer's plugin
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot", "aot_unpaired",
               "apo_zero", "apo_down", "exo_pair", "discopop", "sigmoid_norm")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -82,6 +83,8 @@ class TrainConfig:
     temperature: float = 1.0
     beta: Optional[float] = None  # KL weight; None: DPO 0.1, GRPO 0 (TRL's default: no reference model)
     format_weight: float = 0.2  # weight of the format reward next to correctness (1.0)
+    rollouts: str = "hf"  # "hf": the hooked policy generates; "vllm": TRL's colocated vLLM, melayer's plugin masking
+    vllm_memory: float = 0.3  # GPU share of the colocated vLLM engine (its KV cache)
     # DPO
     loss_type: str = "sigmoid"
     precompute_ref: bool = False  # reference log-probs computed once, before training
@@ -131,6 +134,16 @@ class TrainConfig:
             raise MelayerError(f"training --dtype must be fp32 (bf16 autocast on CUDA) or bf16, got {self.dtype!r}")
         if self.algo == "dpo" and not self.beta > 0:
             raise MelayerError(f"DPO --beta must be positive (it scales every margin), got {self.beta}")
+        if self.rollouts not in ROLLOUTS:
+            raise MelayerError(f"--rollouts must be one of {', '.join(ROLLOUTS)}, got {self.rollouts!r}")
+        if self.rollouts == "vllm":
+            if self.algo != "grpo":
+                raise MelayerError("--rollouts vllm is for GRPO (SFT and DPO do not generate)")
+            if self.wemask.rate > 0 and self.wemask.mode != "correct":
+                raise MelayerError("--rollouts vllm masks in correct mode only: paper mode is exact in vLLM only "
+                                   "without chunked prefill and CUDA graphs, which TRL's engine turns on")
+            if not 0 < self.vllm_memory < 1:
+                raise MelayerError(f"--vllm-memory must be in (0, 1), got {self.vllm_memory}")
         if self.algo == "grpo":
             if self.num_generations < 2:
                 raise MelayerError("GRPO needs --num-generations >= 2 (advantages are relative within a group)")

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ COMPLETE_MARK = "checkpoint_complete.json"  # written last: a checkpoint without
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 REF_ADAPTER = "ref"
 FINAL_DIR = "final"
+ROLLOUT_MODEL_DIR = "vllm_rollout_model"  # GRPO --rollouts vllm: what the colocated engine loads
 PREFERENCES_FILE = "preferences.jsonl"  # on-policy pairs of a DPO run (with preferences_config.json beside them)
 ZERO_STD_WARN = 0.9  # GRPO: warn once when at least this fraction of groups have rewards with zero spread
 # FutureWarnings that TRL's own internals emit under transformers 5 (melayer passes activation_checkpointing=):
@@ -386,9 +388,42 @@ def _training_args(cfg: TrainConfig, device: str):
     return GRPOConfig(
         **common, num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, beta=cfg.beta, reward_weights=[1.0, cfg.format_weight],
-        use_vllm=False, use_transformers_continuous_batching=False,  # rollouts through the hooked module
+        use_transformers_continuous_batching=False,  # "hf": rollouts through the hooked module
+        use_vllm=cfg.rollouts == "vllm", vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_memory,
         log_completions=False,
     )
+
+
+def _save_rollout_model(model, tokenizer, cfg: TrainConfig) -> Path:
+    """The folder TRL's colocated vLLM engine starts from (it calls ``LLM(model=model.name_or_path)``): the initial
+    weights, saved before LoRA or any hook; TRL pushes the policy's weights into the engine before each
+    generation. ``model.name_or_path`` is pointed at it."""
+    from accelerate import PartialState
+
+    folder = Path(cfg.out) / ROLLOUT_MODEL_DIR
+    with PartialState().main_process_first():
+        if PartialState().is_main_process:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+    model.name_or_path = str(folder)
+    return folder
+
+
+def _name_rollout_mask(folder: Path, cfg: TrainConfig) -> None:
+    """Put the run's resolved mask into the rollout folder's config.json (``melayer_wemask``, none for a
+    baseline): melayer's vLLM plugin reads it there, so every rollout is masked as the policy's forwards are."""
+    from accelerate import PartialState
+
+    from ..vllm_backend.config import KEY
+
+    if PartialState().is_main_process:
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        config.pop(KEY, None)
+        if cfg.wemask.rate > 0:
+            config[KEY] = dataclasses.asdict(cfg.wemask)
+        atomic_write_json(path, config)
+    PartialState().wait_for_everyone()
 
 
 def _prepare_out(cfg: TrainConfig) -> Optional[str]:
@@ -538,6 +573,7 @@ def _train(cfg: TrainConfig, model, tokenizer, keep_trainer: bool) -> TrainResul
     set_seed(cfg.seed)  # LoRA's random init: identical for a baseline and its WeMask run, and for a resume
     needs_reference = cfg.algo == "dpo" or (cfg.algo == "grpo" and cfg.beta > 0)
     reference = _reference_copy(model) if needs_reference and not cfg.lora else None
+    rollout_model = _save_rollout_model(model, tokenizer, cfg) if cfg.rollouts == "vllm" else None
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -548,6 +584,8 @@ def _train(cfg: TrainConfig, model, tokenizer, keep_trainer: bool) -> TrainResul
     cfg = dataclasses.replace(cfg, wemask=handle.config)  # layers (and ME layer) resolved once, saved as such
     if cfg.wemask.rate > 0:  # every config.json this run saves names its mask, for whoever loads it without melayer
         model.config.melayer_wemask = dataclasses.asdict(cfg.wemask)
+    if rollout_model is not None:
+        _name_rollout_mask(rollout_model, cfg)
     ref_handle = None
     if reference is not None and (cfg.algo == "grpo" or cfg.ref_mask == "policy") and not active_wemasks(reference):
         ref_handle = apply_wemask(reference, cfg.wemask, tokenizer=tokenizer)  # resolved: no second ME scan
