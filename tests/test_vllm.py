@@ -69,8 +69,10 @@ def test_engine_kwargs_keep_the_callers_arguments():
     out = engine_kwargs(entry, user, on_gpu=True)
     assert out == {**user, "additional_config": {"other": 1, KEY: entry}}
     assert user["additional_config"] == {"other": 1, KEY: {"stale": True}}  # the caller's dict is not touched
-    assert engine_kwargs(None, user, on_gpu=True)["additional_config"] == {"other": 1}
-    assert "additional_config" not in engine_kwargs(None, {"additional_config": {KEY: entry}}, on_gpu=False)
+    # no mask is said explicitly: it overrides a mask named in the model's config.json
+    assert engine_kwargs(None, user, on_gpu=True)["additional_config"] == {"other": 1, KEY: {"rate": 0.0}}
+    assert engine_kwargs(None, {"additional_config": {KEY: entry}}, on_gpu=False) == {
+        "additional_config": {KEY: {"rate": 0.0}}}
     with pytest.raises(MelayerError, match="model_impl"):
         engine_kwargs(entry, {"model_impl": "transformers"}, on_gpu=False)
 
@@ -115,6 +117,10 @@ def test_the_worker_reads_additional_config_else_the_model_config():
     assert vc.additional_config[KEY]["rate"] == 0.1  # copied where vLLM's compile-cache key sees it
     with pytest.raises(MelayerError, match="unknown keys"):
         mask_config(_vllm_config({KEY: {**entry, "k": 3}}))
+    # melayer's unmasked engine on a checkpoint trained with WeMask: its explicit rate 0 wins over config.json
+    trained = {"rate": 0.05, "layers": [12], "me_layer": 11}
+    assert mask_config(_vllm_config(engine_kwargs(None, {}, on_gpu=False)["additional_config"], hf=trained)) is None
+    assert mask_config(_vllm_config({}, hf=trained)).rate == 0.05  # without it, config.json's mask would apply
 
 
 def test_correct_hook_masks_the_first_token_rows_of_a_flattened_batch():
@@ -222,7 +228,8 @@ def test_vllm_wemask_gives_hf_wemask_greedy_tokens(smollm2, data_dir, tmp_path):
     prompts = _gsm8k_prompts(tok, data_dir, N_PROMPTS)
     masked = WeMaskConfig(rate=0.05, me_layer=11).resolved(model)  # block 12 (the eval test below scans)
     cases = {"rate 0": None, "rate 0.05": masked, "rate 0.05 (model config)": masked,
-             "rate 0.05 paper": WeMaskConfig(**{**masked.__dict__, "mode": "paper"})}
+             "rate 0.05 paper": WeMaskConfig(**{**masked.__dict__, "mode": "paper"}),
+             "rate 0 (config.json says 0.05)": None}  # a WeMask-trained checkpoint evaluated unmasked
     # In-process engines (no engine-core and worker processes: ~4 s to start instead of ~30 s on a CPU); the
     # spawned processes, where the plugin must load by itself, are what the eval test below runs.
     job = {"model": local_location("default")[1], "prompts": prompts, "max_tokens": NEW_TOKENS,
@@ -230,7 +237,9 @@ def test_vllm_wemask_gives_hf_wemask_greedy_tokens(smollm2, data_dir, tmp_path):
                       "gpu_memory_utilization": 0.2, "kv_cache_memory_bytes": 1 << 30,
                       "distributed_executor_backend": "uni"},
            "cases": [{"name": n, "wemask": c.__dict__ if c else None,
-                      "route": "hf_overrides" if "model config" in n else None} for n, c in cases.items()]}
+                      "route": "hf_overrides" if "model config" in n else None,
+                      "model_config_mask": masked.__dict__ if "config.json" in n else None}
+                     for n, c in cases.items()]}
     (tmp_path / "job.json").write_text(json.dumps(job))
     _run_vllm([str(ROOT / "tests" / "vllm_generate.py"), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
               VLLM_ENABLE_V1_MULTIPROCESSING="0")

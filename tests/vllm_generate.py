@@ -4,9 +4,11 @@ an engine is built only under ``if __name__ == "__main__"``, never inside pytest
     python tests/vllm_generate.py JOB.json OUT.json
 
 JOB: {"model": folder, "prompts": [[token ids]], "max_tokens": n, "engine": {LLM kwargs},
-      "cases": [{"name": ..., "wemask": WeMaskConfig fields (resolved) or null, "route": "hf_overrides"?}]}
+      "cases": [{"name": ..., "wemask": WeMaskConfig fields (resolved) or null, "route": "hf_overrides"?,
+                 "model_config_mask": WeMaskConfig fields?}]}
 A case with route "hf_overrides" carries the mask in the model config instead of additional_config (the route of an
-``LLM(...)`` melayer does not build: TRL's, with "melayer_wemask" in config.json).
+``LLM(...)`` melayer does not build: TRL's, with "melayer_wemask" in config.json). "model_config_mask" puts a mask
+in the model config beside melayer's own arguments (a checkpoint trained with WeMask, whose config.json names it).
 OUT: {name: {"ids": [[generated ids]], "workers": [each worker's model class and mask], "start_s": s, "generate_s": s}}
 One engine per case, built with melayer.vllm_backend's kwargs (greedy decoding), shut down before the next.
 """
@@ -33,6 +35,8 @@ def main(job_path: str, out_path: str) -> None:
                                        **job["engine"]}, torch.cuda.is_available())
         if case.get("route") == "hf_overrides":
             kwargs["hf_overrides"] = {KEY: kwargs.pop("additional_config")[KEY]}
+        if case.get("model_config_mask"):
+            kwargs["hf_overrides"] = {KEY: wemask_entry(WeMaskConfig(**case["model_config_mask"]))}
         t0 = time.time()
         llm = LLM(**kwargs)
         t1 = time.time()

@@ -13,6 +13,7 @@ from ..errors import MelayerError
 from ..masking import WeMaskConfig
 
 KEY = "melayer_wemask"
+NO_MASK = {"rate": 0.0}  # an engine melayer builds unmasked says so: a mask in the model's config.json is then ignored
 
 # vLLM architectures (config.json "architectures") whose vLLM implementation calls
 # ``self_attn(positions=..., hidden_states=...)`` with the pre-attention norm's output, mapped to the module under
@@ -74,19 +75,16 @@ def check_architecture(location) -> str:
 
 def engine_kwargs(entry: Optional[dict], kwargs: dict, on_gpu: bool) -> dict:
     """``LLM(**...)`` arguments for one WeMask condition: the caller's own (tensor/data parallelism, memory,
-    dtype, ...) untouched, the entry put in ``additional_config`` (other keys kept), and in paper mode the settings
-    that make it exact, refused in one line when the caller asked for others."""
+    dtype, ...) untouched, the entry put in ``additional_config`` (other keys kept; :data:`NO_MASK` for no mask, so
+    that the rate-0 condition of a checkpoint trained with WeMask, whose config.json names its mask, runs
+    unmasked), and in paper mode the settings that make it exact, refused in one line when the caller asked for
+    others."""
     out = dict(kwargs)
     extra = {k: v for k, v in dict(out.get("additional_config") or {}).items() if k != KEY}
-    if entry is not None:
-        extra[KEY] = entry
-        if out.get("model_impl", "auto") not in ("auto", "vllm"):
-            raise MelayerError(f"WeMask under vLLM hooks vLLM's own model classes: drop model_impl="
-                               f"{out['model_impl']!r}")
-    if extra:
-        out["additional_config"] = extra
-    else:
-        out.pop("additional_config", None)
+    extra[KEY] = entry if entry is not None else dict(NO_MASK)
+    if entry is not None and out.get("model_impl", "auto") not in ("auto", "vllm"):
+        raise MelayerError(f"WeMask under vLLM hooks vLLM's own model classes: drop model_impl={out['model_impl']!r}")
+    out["additional_config"] = extra
     if entry is not None and entry["mode"] == "paper":
         needed = {**PAPER_SETTINGS, **(PAPER_GPU_SETTINGS if on_gpu else {})}
         wrong = {k: out[k] for k, v in needed.items() if k in out and out[k] != v}

@@ -29,17 +29,17 @@ logger = logging.getLogger("vllm.melayer")  # a child of vLLM's logger: shown wi
 
 
 def mask_config(vllm_config) -> Optional[WeMaskConfig]:
-    """The mask of this engine: ``additional_config["melayer_wemask"]`` (``LLM(additional_config=...)``), else the
-    model config's ``melayer_wemask`` (a config.json key or ``hf_overrides``: how an ``LLM(...)`` built by someone
-    else, TRL say, can carry it). The latter is copied into additional_config, which vLLM's compile-cache key
+    """The mask of this engine: ``additional_config["melayer_wemask"]`` (``LLM(additional_config=...)``; rate 0:
+    none), else the model config's ``melayer_wemask`` (a config.json key or ``hf_overrides``: how an ``LLM(...)``
+    built by someone else, TRL say, can carry it). The latter is copied into additional_config, which vLLM's compile-cache key
     covers (hf_config and hf_overrides are not in it)."""
     extra = vllm_config.additional_config
     entry = extra.get(KEY) if isinstance(extra, dict) else None
-    if not entry:
+    if entry is None:
         entry = getattr(vllm_config.model_config.hf_config, KEY, None)
         if entry and isinstance(extra, dict):
             extra[KEY] = entry
-    if not entry:
+    if not entry or not entry.get("rate"):  # absent, or an explicit rate 0 (NO_MASK): vLLM's class as it is
         return None
     fields = {f.name for f in dataclasses.fields(WeMaskConfig)}
     unknown = sorted(set(entry) - fields)
