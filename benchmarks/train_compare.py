@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from melayer.cli.eval import parse_vllm_args
 from melayer.evaluate import EvalConfig, run_eval
 from melayer.evaluate.summary import load_folder, per_document
 from melayer.masking import WeMaskConfig, parse_layers
@@ -88,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-limit", type=int, default=None, help="test items per task (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--eval-dtype", default=None, help="evaluation precision (default: the protocol's)")
+    p.add_argument("--eval-engine", default="auto", help="melayer eval --engine (vllm: the trained models are "
+                   "evaluated in vLLM, each condition's mask said explicitly)")
+    p.add_argument("--eval-vllm-args", default="", help="--eval-engine vllm: LLM(...) arguments, key=value,...")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own")
     p.add_argument("--train-arms", default=None, help="comma-separated arms this process trains and evaluates "
                                                      "(default: all; e.g. baseline in one process, a WeMask arm "
@@ -140,7 +144,8 @@ def evaluate(final: Path, args, tasks: list[str]) -> None:
     cfg = EvalConfig(model=str(final), tasks=tasks, wemask_rates=[mask.rate], wemask_modes=[mask.mode],
                      wemask_layers=[mask.layers], me_layer=mask.me_layer, limit=args.eval_limit, seed=0,
                      data_dir=args.data_dir, out=str(final.parent / "eval"), batch_size=args.eval_batch_size,
-                     max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.eval_dtype)
+                     max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.eval_dtype,
+                     engine=args.eval_engine, vllm_args=parse_vllm_args(args.eval_vllm_args))
     t0 = time.perf_counter()
     run_eval(cfg)
     (final.parent / "eval" / "wall_seconds.json").write_text(json.dumps({"eval_wall_s": time.perf_counter() - t0}))

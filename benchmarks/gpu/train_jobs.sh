@@ -11,9 +11,11 @@
 #                GSM8K test and MATH-500. Run both arms, then `report grpo`.
 #   dpo_prefs    the preference pairs for DPO: sampled from the unmasked Qwen2.5-Coder-1.5B on the refusal
 #                val prompts, judged by melayer's refusal classifier (shared by both DPO arms).
-#   dpo ARM      Qwen2.5-Coder-1.5B DPO (LoRA) on those pairs, ARM baseline or from_after_me; XSTest safe and
+#   dpo ARM [ARGS] Qwen2.5-Coder-1.5B DPO (LoRA) on those pairs, ARM baseline or from_after_me; XSTest safe and
 #                unsafe, held-out harmless prompts, AdvBench, HarmBench. Then `report dpo`.
 #   report STUDY rewrite OUT/STUDY/train_compare.{md,json,png} from whatever has finished.
+# ARGS go to benchmarks/train_compare.py, e.g. --eval-engine vllm --eval-vllm-args gpu_memory_utilization=0.3
+# (after setup_vllm.sh) to evaluate in vLLM.
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
 job=${1:?usage: train_jobs.sh sft SEED | grpo ARM | dpo_prefs | dpo ARM | report sft|grpo|dpo}
@@ -42,9 +44,10 @@ case $job in
 sft) sft --seeds "${2:?seed}" "${@:3}" ;;
 grpo) grpo --train-arms "${2:?arm}" "${@:3}" ;;
 dpo_prefs) echo "== $(date +%T) preferences"
+  if [ -s "$PREFS" ] && [ -s "${PREFS%.jsonl}_config.json" ]; then echo "reusing $PREFS"; exit 0; fi
   python3 -m melayer.cli data preferences "$QWEN_GGUF" --source refusal --data-dir "$DATA_DIR" --n 4 \
     --limit 512 --prompt-batch 32 --fill reference --seed 0 --out "$PREFS" ;;
-dpo) dpo --train-arms "${2:?arm}" ;;
+dpo) dpo --train-arms "${2:?arm}" "${@:3}" ;;
 report) case ${2:?study} in
   sft) sft --seeds 0,1,2 --report-only ;;
   grpo) grpo --report-only ;;
