@@ -94,7 +94,7 @@ REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
 
 def resolve_reduction(reduction: str) -> str:
     """What ``reduction="auto"`` runs: the graph replay (eager off CUDA). On an H200 it cost 1.25x a plain forward
-    against 2.07x eager (``docs/results/bench_scan.md``)."""
+    against 2.09x eager (``docs/results/bench_scan.md``)."""
     return "cuda_graph" if reduction == "auto" else reduction
 
 

@@ -54,7 +54,7 @@ from ..evaluate.scorers import extract_gsm8k, gsm8k_gold, numbers_equal, refusal
 from ..io import atomic_write_json, atomic_write_text, dumps, read_config_json
 from ..masking import WeMaskConfig, active_wemasks, apply_wemask
 from ..report import progress, say
-from ..text import eos_ids, pad_id
+from ..text import eos_ids, left_pad, pad_id
 from .data import sft_target, user_prompt
 
 SOURCES = ("refusal", "gsm8k")
@@ -222,14 +222,9 @@ def sample_batch(model, tokenizer, prompts: list[list[dict]], n: int, seed: int,
     """:func:`sample` for several chat prompts in one call (left-padded; the attention mask keeps the pads out),
     one list of ``n`` responses per prompt."""
     texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    ids, mask = left_pad([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], pad_id(tokenizer))
     device = next(model.parameters()).device
-    enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+    enc = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     torch.manual_seed(seed)
     out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                          max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=pad_id(tokenizer))

@@ -401,10 +401,9 @@ def _save_rollout_model(model, tokenizer, cfg: TrainConfig) -> Path:
     from accelerate import PartialState
 
     folder = Path(cfg.out) / ROLLOUT_MODEL_DIR
-    with PartialState().main_process_first():
-        if PartialState().is_main_process:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+    if PartialState().is_main_process:  # the other ranks read it only after _name_rollout_mask's barrier
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     model.name_or_path = str(folder)
     return folder
 
