@@ -55,4 +55,6 @@ report) case ${2:?study} in
   esac ;;
 *) echo "unknown job $job" >&2; exit 2 ;;
 esac
-echo "== $(date +%T) job $job done"
+rc=$?  # the job's own status, so that a wrapper can retry a failed job
+echo "== $(date +%T) job $job done (rc=$rc)"
+exit $rc
