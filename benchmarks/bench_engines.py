@@ -20,17 +20,23 @@ Engines:
 WeMask runs on engines whose positions melayer's hooks can read: ``generate``, melayer's engines and vLLM (the
 plugin reads vLLM's positions); transformers' continuous batching packs requests into one row, which the HF hooks
 do not support, so it runs unmasked only. Figures and commands: ``docs/results/bench_engines.md``.
+
+With ``--out``, each finished engine is appended to ``<out>/bench_engines_runs.jsonl`` (its generated ids and
+walls) and the report is rewritten: a killed run keeps what finished, and the same command run again reuses the
+engines whose settings match and runs only the others (``--engines`` may name a subset to add to a report).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
+import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -126,6 +132,60 @@ def agreement(got: list[list[int]], ref: list[list[int]]) -> dict:
     return {"identical": same, "items": len(ref), "prefix_share": sum(prefix) / len(prefix)}
 
 
+def load_runs(log: Optional[Path], same_run: dict) -> dict[str, dict]:
+    """The engines an earlier run with the same settings finished (``bench_engines_runs.jsonl``; the last row of
+    an engine counts; a torn last line is skipped)."""
+    runs: dict[str, dict] = {}
+    if log is None or not log.is_file():
+        return runs
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.pop("same_run", None) == same_run:
+            runs[row.pop("engine")] = row
+    return runs
+
+
+def report(runs: dict[str, dict], setup: dict, out: Optional[Path], show: bool = True) -> None:
+    """The table of every finished engine (speed against ``hf_generate``, tokens against its output), printed
+    (``show``) and, with ``out``, written as bench_engines.json/.md."""
+    from melayer.report import console_table, markdown_table, write_report
+
+    ref = runs.get("hf_generate", {}).get("ids")
+    ref_masked = runs.get("hf_generate + wemask", {}).get("ids")
+    ref_speed = runs.get("hf_generate", {}).get("tokens_per_s")
+    rows, table = [], []
+    for name, r in runs.items():
+        if "error" in r:
+            rows.append({"engine": name, "error": r["error"]})
+            table.append([name, "–", "–", "–", "–", "–", "–", r["error"][:60]])
+            continue
+        against = ref_masked if "wemask" in name else ref
+        agree = agreement(r["ids"], against) if against is not None else None
+        row = {"engine": name, **{k: v for k, v in r.items() if k != "ids"}, "agreement": agree,
+               "speed_vs_hf_generate": r["tokens_per_s"] / ref_speed if ref_speed else None}
+        rows.append(row)
+        start = f"{r['start_s']:.1f}" if "start_s" in r else "–"
+        table.append([name, start, f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['items_per_s']:.2f}",
+                      f"{row['speed_vs_hf_generate']:.2f}x" if ref_speed else "–",
+                      f"{agree['identical']}/{agree['items']}" if agree else "–",
+                      f"{agree['prefix_share']:.3f}" if agree else "–"])
+    columns = ["engine", "start s", "wall s", "tokens/s", "items/s", "vs hf_generate", "identical items",
+               "prefix share"]
+    if show:
+        console_table("generation engines", columns, table)
+    if out is not None:
+        wemask = setup["wemask"]
+        md = (f"# Generation engines\n\n`{setup['command']}`\n\n{setup['items']} prompts ({', '.join(TASKS)}, "
+              f"{setup['items_per_task']} each), greedy, real EOS, ≤ {setup['max_new_tokens']} new tokens, batch "
+              f"{setup['batch_size']} for the batched engines; {setup['device']}, {setup['dtype']}. Agreement: "
+              f"against `hf_generate` (masked runs: against `hf_generate + wemask`, rate {wemask['rate']}, blocks "
+              f"{wemask['layers']}).\n\n" + markdown_table(columns, table))
+        write_report(out, {"setup": setup, "runs": rows}, md, {}, name="bench_engines")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")
@@ -149,7 +209,6 @@ def main(argv=None) -> int:
     from melayer import load_model
     from melayer.load import local_location
     from melayer.masking import WeMaskConfig, apply_wemask
-    from melayer.report import console_table, markdown_table, write_report
     from melayer.text import eos_ids, pad_id
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -168,11 +227,34 @@ def main(argv=None) -> int:
         if on_gpu:
             torch.cuda.synchronize()
 
-    runs: dict[str, dict] = {}
+    b = args.batch_size
+    setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "items": len(prompts),
+             "tasks": list(TASKS), "items_per_task": args.items_per_task, "max_new_tokens": n, "batch_size": b,
+             "seed": args.seed, "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
+             "repeats": args.repeats, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+    same_run = {k: setup[k] for k in ("model", "device", "dtype", "items", "items_per_task", "max_new_tokens",
+                                      "batch_size", "seed", "wemask")}  # what makes two runs' engines comparable
+    log = Path(args.out) / "bench_engines_runs.jsonl" if args.out else None
+    runs: dict[str, dict] = load_runs(log, same_run)
 
-    def timed(name: str, fn: Callable[[list, int], list[list[int]]], masked: bool = False) -> None:
+    def finished(name: str) -> None:
+        """Keep ``runs[name]`` (appended, fsynced) and rewrite the report, so that a kill loses one engine only."""
+        if log is None:
+            return
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(json.dumps({"engine": name, "same_run": same_run, **runs[name]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        report(runs, setup, Path(args.out), show=False)
+
+    def timed(name: str, fn: Callable[[list, int], list[list[int]]], masked: bool = False,
+              start_s: Optional[float] = None) -> None:
         """``fn(prompts, max_new)``: warmed up on one batch (kernels, allocator, graphs for these shapes), then
         timed ``--repeats`` times on the whole workload; the median wall counts."""
+        if name in runs:
+            print(f"{name}: reused from {log}", flush=True)
+            return
         gc.collect()
         walls = []
         try:
@@ -191,10 +273,10 @@ def main(argv=None) -> int:
         wall = statistics.median(walls)
         tokens = sum(len(x) for x in ids)
         runs[name] = {"ids": ids, "wall_s": wall, "walls_s": walls, "tokens": tokens, "tokens_per_s": tokens / wall,
-                      "items_per_s": len(ids) / wall}
+                      "items_per_s": len(ids) / wall, **({} if start_s is None else {"start_s": start_s})}
         print(f"{name}: {wall:.2f} s (median of {len(walls)}), {tokens} tokens, {tokens / wall:.1f} tok/s", flush=True)
+        finished(name)
 
-    b = args.batch_size
     makers: dict[str, Callable[[list, int], list[list[int]]]] = {
         "hf_generate": lambda qs, m: batched(qs, b, hf_engine(model, tok, m, eos)),
         "hf_static": lambda qs, m: batched(qs, b, hf_engine(model, tok, m, eos, static=True)),
@@ -219,6 +301,9 @@ def main(argv=None) -> int:
             base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
         base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
         for name, entry in (("vllm", None), ("vllm + wemask", wemask_entry(wemask))):
+            if name in runs:
+                print(f"{name}: reused from {log}", flush=True)
+                continue
             t0 = time.perf_counter()
             llm = LLM(**engine_kwargs(entry, base, on_gpu))
             vllm_start[name] = time.perf_counter() - t0
@@ -228,42 +313,12 @@ def main(argv=None) -> int:
                 done = llm.generate([{"prompt_token_ids": q} for q in qs], params, use_tqdm=False)
                 return [trim(d.outputs[0].token_ids, eos) for d in done]
 
-            timed(name, run)
-            runs[name]["start_s"] = vllm_start[name]
+            timed(name, run, start_s=vllm_start[name])
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
 
-    ref, ref_masked = runs["hf_generate"].get("ids"), runs.get("hf_generate + wemask", {}).get("ids")
-    rows, table = [], []
-    for name, r in runs.items():
-        if "error" in r:
-            rows.append({"engine": name, "error": r["error"]})
-            table.append([name, "–", "–", "–", "–", "–", "–", r["error"][:60]])
-            continue
-        against = ref_masked if "wemask" in name else ref
-        agree = agreement(r["ids"], against)
-        row = {"engine": name, **{k: v for k, v in r.items() if k != "ids"}, "agreement": agree,
-               "speed_vs_hf_generate": r["tokens_per_s"] / runs["hf_generate"]["tokens_per_s"]}
-        rows.append(row)
-        start = f"{r['start_s']:.1f}" if "start_s" in r else "–"
-        table.append([name, start, f"{r['wall_s']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['items_per_s']:.2f}",
-                      f"{row['speed_vs_hf_generate']:.2f}x", f"{agree['identical']}/{agree['items']}",
-                      f"{agree['prefix_share']:.3f}"])
-    columns = ["engine", "start s", "wall s", "tokens/s", "items/s", "vs hf_generate", "identical items",
-               "prefix share"]
-    console_table("generation engines", columns, table)
-    setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "items": len(prompts),
-             "tasks": list(TASKS), "items_per_task": args.items_per_task, "max_new_tokens": n, "batch_size": b,
-             "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
-             "repeats": args.repeats, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
-    if args.out:
-        md = (f"# Generation engines\n\n`{setup['command']}`\n\n{len(prompts)} prompts ({', '.join(TASKS)}, "
-              f"{args.items_per_task} each), greedy, real EOS, ≤ {n} new tokens, batch {b} for the batched engines; "
-              f"{setup['device']}, {setup['dtype']}. Agreement: against `hf_generate` (masked runs: against "
-              f"`hf_generate + wemask`, rate {wemask.rate}, blocks {wemask.layers}).\n\n"
-              + markdown_table(columns, table))
-        write_report(Path(args.out), {"setup": setup, "runs": rows}, md, {}, name="bench_engines")
+    report(runs, setup, Path(args.out) if args.out else None)
     return 0
 
 
