@@ -93,6 +93,43 @@ def test_melayer_model_matches_our_logliks_without_wemask(setup, monkeypatch):
         assert g == pytest.approx(r, abs=1e-4)
 
 
+def test_loglikelihood_computes_logits_only_where_continuations_are_scored(setup):
+    """Requests of mixed lengths in one right-padded batch, real 0s (the padding token) inside and at the end of
+    inputs, one request whose input is another's plus a 0 (ambiguous once padded: that batch gets full logits):
+    every log-likelihood and greedy flag equals a full forward's, and the output layer saw only the last
+    positions of the other batch."""
+    import torch
+
+    from melayer.evaluate.harness import MelayerLM
+
+    root, model, tok = setup
+    lm = MelayerLM(pretrained=str(root / "model"), batch_size=4, wemask_rate=0.0)
+    clear = [(("", ""), [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52], [60, 61]),
+             (("", ""), [1, 40, 41], [0, 62, 0]),  # a real 0 inside the input
+             (("", ""), [1, 40, 41, 42, 0], [63]),  # the input ends in a real 0
+             (("", ""), [1, 45, 46, 47, 48, 49, 50, 51, 52, 53], [0])]
+    ambiguous = [(("", ""), [1, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79], [64]),
+                 (("", ""), [1, 80, 81], [65]), (("", ""), [1, 80, 81, 0], [66]), (("", ""), [1, 82], [67, 68])]
+    head, seen = lm.model.get_output_embeddings(), []
+    spy = head.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    forward, calls = lm.model.forward, []
+    lm.model.forward = lambda input_ids, **kw: calls.append(input_ids.shape[1]) or forward(input_ids, **kw)
+    try:
+        got = lm._loglikelihood_tokens(clear + ambiguous, disable_tqdm=True)
+    finally:
+        spy.remove()
+        lm.model.forward = forward
+    for (_, ctx, cont), (loglik, greedy) in zip(clear + ambiguous, got):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+        ref = [logp[len(ctx) - 1 + j] for j in range(len(cont))]
+        assert loglik == pytest.approx(sum(float(r[t]) for r, t in zip(ref, cont)), abs=1e-4)
+        assert greedy == all(int(r.argmax()) == t for r, t in zip(ref, cont))
+    # batches by length: the 4 longest inputs (15 tokens padded) get the last 3 positions (the longest
+    # continuation); the other 4 hold [1, 80, 81] and [1, 80, 81, 0], alike once padded: full logits
+    assert sorted(zip(calls, seen)) == [(5, 5), (15, 3)]
+
+
 # The bare `lm_eval` script finds "melayer" only through the installed melayer-lm-eval.pth (see setup.py).
 LAUNCHERS = {"wrapper": [sys.executable, "-m", "melayer.evaluate.harness"],
              "bare_lm_eval": [str(Path(sysconfig.get_path("scripts"), "lm_eval"))]}
