@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
-import os
 import statistics
 import sys
 import time
@@ -39,6 +37,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from melayer.io import JsonlLog
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("gsm8k", "ifeval", "xstest")
@@ -132,17 +132,11 @@ def agreement(got: list[list[int]], ref: list[list[int]]) -> dict:
     return {"identical": same, "items": len(ref), "prefix_share": sum(prefix) / len(prefix)}
 
 
-def load_runs(log: Optional[Path], same_run: dict) -> dict[str, dict]:
+def load_runs(log: Optional[JsonlLog], same_run: dict) -> dict[str, dict]:
     """The engines an earlier run with the same settings finished (``bench_engines_runs.jsonl``; the last row of
-    an engine counts; a torn last line is skipped)."""
+    an engine counts)."""
     runs: dict[str, dict] = {}
-    if log is None or not log.is_file():
-        return runs
-    for line in log.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in log.read() if log is not None else []:
         if row.pop("same_run", None) == same_run:
             runs[row.pop("engine")] = row
     return runs
@@ -234,26 +228,21 @@ def main(argv=None) -> int:
              "repeats": args.repeats, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     same_run = {k: setup[k] for k in ("model", "device", "dtype", "items", "items_per_task", "max_new_tokens",
                                       "batch_size", "seed", "wemask")}  # what makes two runs' engines comparable
-    log = Path(args.out) / "bench_engines_runs.jsonl" if args.out else None
+    log = JsonlLog(Path(args.out) / "bench_engines_runs.jsonl", required=("engine",)) if args.out else None
     runs: dict[str, dict] = load_runs(log, same_run)
 
     def finished(name: str) -> None:
         """Keep ``runs[name]`` (appended, fsynced) and rewrite the report, so that a kill loses one engine only."""
-        if log is None:
-            return
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
-            f.write(json.dumps({"engine": name, "same_run": same_run, **runs[name]}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        report(runs, setup, Path(args.out), show=False)
+        if log is not None:
+            log.append({"engine": name, "same_run": same_run, **runs[name]})
+            report(runs, setup, Path(args.out), show=False)
 
     def timed(name: str, fn: Callable[[list, int], list[list[int]]], masked: bool = False,
               start_s: Optional[float] = None) -> None:
         """``fn(prompts, max_new)``: warmed up on one batch (kernels, allocator, graphs for these shapes), then
         timed ``--repeats`` times on the whole workload; the median wall counts."""
         if name in runs:
-            print(f"{name}: reused from {log}", flush=True)
+            print(f"{name}: reused from {log.path}", flush=True)
             return
         gc.collect()
         walls = []
@@ -302,7 +291,7 @@ def main(argv=None) -> int:
         base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
         for name, entry in (("vllm", None), ("vllm + wemask", wemask_entry(wemask))):
             if name in runs:
-                print(f"{name}: reused from {log}", flush=True)
+                print(f"{name}: reused from {log.path}", flush=True)
                 continue
             t0 = time.perf_counter()
             llm = LLM(**engine_kwargs(entry, base, on_gpu))

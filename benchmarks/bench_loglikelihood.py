@@ -16,6 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from melayer.evaluate.responses import RESPONSES_NAME
+from melayer.io import JsonlLog
+
 ARM = """
 import json, resource, sys, time
 from melayer.evaluate import harness
@@ -33,11 +36,8 @@ print(json.dumps({"wall_s": time.perf_counter() - t0,
 
 
 def answers(folder: Path) -> dict:
-    out = {}
-    for line in (folder / "responses.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["cond"], json.dumps(row["key"])] = row["response"]
-    return out
+    """(condition, request key) -> logged answer of one arm's evaluation."""
+    return {(r["cond"], r["key"]): r["response"] for r in JsonlLog(folder / RESPONSES_NAME).read()}
 
 
 def main(argv=None) -> int:

@@ -53,6 +53,9 @@ def resolve_device(device: Optional[str]) -> str:
 class MelayerLM(LoggedLM, HFLM):
     """HFLM whose forward and generate calls run under WeMask, with melayer's generation engines."""
 
+    _scoring: Optional[tuple[set, int]] = None  # (model inputs, longest continuation) of a log-likelihood call
+    _aligned = False  # the last _model_call returned right-aligned logits (see _model_call)
+
     def __init__(self, pretrained="default", wemask_rate: Optional[float] = None, wemask_layers: str = "after_me",
                  wemask_mode: str = "correct", wemask_me_layer: Optional[int] = None, engine: str = "auto",
                  compile: bool = False, device: Optional[str] = None, **kwargs):
@@ -67,8 +70,6 @@ class MelayerLM(LoggedLM, HFLM):
             remember_source(self.model, source_of(self.spec, self.model))
         self.tokenizer.padding_side = "left"
         self.engine, self.compile = engine, bool(compile)
-        self._scoring: Optional[tuple[dict, int]] = None  # (inputs, longest continuation) of a log-likelihood call
-        self._aligned = False
         self.handle: Optional[WeMaskHandle] = None
         if wemask_rate in (None, ""):
             config = saved_wemask(self.model)
@@ -110,10 +111,8 @@ class MelayerLM(LoggedLM, HFLM):
         """HFLM's, with each batch's logits computed only for the positions that score a continuation (see
         :meth:`_model_call`): full (batch, length, vocab) logits and their log-softmax are most of a batch's memory
         (SmolLM2's MMLU at batch 64 on a CPU: 13.9 GB peak against 3.8 GB, docs/results/bench_loglikelihood.md)."""
-        known = {}
-        for _, context, continuation in requests:  # the model inputs HFLM builds from them
-            inp = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            known[inp] = len(inp)
+        known = {tuple((context + continuation)[-(self.max_length + 1):][:-1])  # the inputs HFLM builds
+                 for _, context, continuation in requests}
         self._scoring = (known, max((len(r[2]) for r in requests), default=0))
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -125,10 +124,11 @@ class MelayerLM(LoggedLM, HFLM):
         the inputs of the current call; None where a row matches no input or several (its real tokens may end
         in 0s), and the batch then gets full logits."""
         known = self._scoring[0]
+        positions = torch.arange(1, inps.shape[1] + 1, device=inps.device)
+        real_ends = torch.where(inps != 0, positions, 0).max(dim=1).values.tolist()  # after the last non-0 token
         lengths = []
-        for row in inps.tolist():
-            last = max((i for i, t in enumerate(row) if t != 0), default=-1) + 1
-            fits = [n for n in range(last, len(row) + 1) if known.get(tuple(row[:n])) == n]
+        for row, last in zip(inps.tolist(), real_ends):
+            fits = [n for n in range(last, len(row) + 1) if tuple(row[:n]) in known]
             if len(fits) != 1:
                 return None
             lengths.append(fits[0])
@@ -141,8 +141,8 @@ class MelayerLM(LoggedLM, HFLM):
         like still apply to the logits)."""
         self._aligned = False
         lengths = None
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        if getattr(self, "_scoring", None) and attn_mask is None and labels is None and head is not None:
+        head = self.model.get_output_embeddings()
+        if self._scoring is not None and attn_mask is None and labels is None and head is not None:
             lengths = self._row_lengths(inps)
         with self.masked():
             if lengths is None or self._scoring[1] >= inps.shape[1]:
@@ -166,7 +166,7 @@ class MelayerLM(LoggedLM, HFLM):
 
     def _select_cont_toks(self, logits: torch.Tensor, contlen: Optional[int] = None,
                           inplen: Optional[int] = None) -> torch.Tensor:
-        if getattr(self, "_aligned", False):  # this batch's rows end at the logits' end (see _model_call)
+        if self._aligned:  # this batch's rows end at the logits' end (see _model_call)
             return logits[logits.shape[0] - contlen:]
         return super()._select_cont_toks(logits, contlen=contlen, inplen=inplen)
 
