@@ -6,8 +6,10 @@
 The workload is what a SmolLM2 sweep generates: GSM8K, IFEval and XSTest prompts (chat template, greedy, the
 model's real EOS, so output lengths vary). Every engine gets the same prompts; melayer's batched engines and
 ``generate`` get length-sorted batches of ``--batch-size``; the continuous-batching engines (transformers'
-``generate_batch``, vLLM) get every prompt at once and schedule them themselves. Each engine first runs one
-untimed batch (8 new tokens: kernels, allocator, graphs), then the workload ``--repeats`` times (median wall).
+``generate_batch``, vLLM) get every prompt at once and schedule them themselves. Each engine first runs the whole
+workload once untimed (``--warmup workload``: static caches compile and CUDA graphs capture once per batch shape,
+and the allocator grows to its peak; ``--warmup batch``, one batch of 8 new tokens, is cheaper but leaves those
+costs in the first timed run), then the workload ``--repeats`` times (median wall; every wall is kept).
 Engines:
 
 - ``hf_generate``: ``model.generate`` with the dynamic cache (the reference for token agreement);
@@ -42,7 +44,7 @@ from melayer.io import JsonlLog
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("gsm8k", "ifeval", "xstest")
-WARMUP_TOKENS = 8  # new tokens of each engine's untimed warm-up batch
+WARMUP_TOKENS = 8  # new tokens of the untimed warm-up batch of --warmup batch
 
 
 def workload(tokenizer, data_dir: str, per_task: int, seed: int) -> list[tuple[str, list[int]]]:
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--vllm-args", default="", help="extra LLM(...) arguments, key=value,... (lm-eval syntax)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="timed runs per engine after its warm-up (median wall)")
+    p.add_argument("--warmup", choices=("workload", "batch"), default="workload",
+                   help="untimed warm-up per engine: the whole workload (default) or one batch of 8 new tokens")
     p.add_argument("--out", default=None, help="write bench_engines.json/.md here")
     args = p.parse_args(argv)
 
@@ -225,9 +229,11 @@ def main(argv=None) -> int:
     setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "items": len(prompts),
              "tasks": list(TASKS), "items_per_task": args.items_per_task, "max_new_tokens": n, "batch_size": b,
              "seed": args.seed, "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
-             "repeats": args.repeats, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
+             "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+             "command": " ".join(sys.argv)}
+    # what makes two runs' engines comparable
     same_run = {k: setup[k] for k in ("model", "device", "dtype", "items", "items_per_task", "max_new_tokens",
-                                      "batch_size", "seed", "wemask")}  # what makes two runs' engines comparable
+                                      "batch_size", "seed", "wemask", "warmup")}
     log = JsonlLog(Path(args.out) / "bench_engines_runs.jsonl", required=("engine",)) if args.out else None
     runs: dict[str, dict] = load_runs(log, same_run)
 
@@ -239,8 +245,8 @@ def main(argv=None) -> int:
 
     def timed(name: str, fn: Callable[[list, int], list[list[int]]], masked: bool = False,
               start_s: Optional[float] = None) -> None:
-        """``fn(prompts, max_new)``: warmed up on one batch (kernels, allocator, graphs for these shapes), then
-        timed ``--repeats`` times on the whole workload; the median wall counts."""
+        """``fn(prompts, max_new)``: warmed up (``--warmup``), then timed ``--repeats`` times on the whole
+        workload; the median wall counts."""
         if name in runs:
             print(f"{name}: reused from {log.path}", flush=True)
             return
@@ -248,7 +254,10 @@ def main(argv=None) -> int:
         walls = []
         try:
             with apply_wemask(model, wemask) if masked else contextlib.nullcontext():
-                fn(prompts[:b], WARMUP_TOKENS)
+                if args.warmup == "workload":
+                    fn(prompts, n)
+                else:
+                    fn(prompts[:b], WARMUP_TOKENS)
                 for _ in range(args.repeats):
                     sync()
                     t0 = time.perf_counter()

@@ -1,0 +1,118 @@
+"""WeMask's cost inside vLLM: an unmasked and a masked engine, live side by side, timed alternately on the same work.
+
+    python benchmarks/bench_vllm_wemask.py --model SmolLM2-135M-Instruct.Q4_1.gguf --items-per-task 128 \\
+        --max-new-tokens 256 --me-layer 11 --repeats 7 --data-dir shared/data --out docs/results/bench_vllm_wemask_gpu
+
+Every request generates exactly ``--max-new-tokens`` (EOS ignored), so both engines do the same work whatever the
+mask changes in the text (with real EOS the masked run answers differently, and its speed says more about output
+lengths than about the mask). The prompts are the engine benchmark's (``bench_engines.py``: GSM8K, IFEval and
+XSTest, chat template). Runs alternate (unmasked, masked, unmasked, ...) after one untimed full run each, so drift in
+clocks or load hits both. Prints and writes (``--out``: JSON + Markdown) each engine's median wall and the ratio
+masked / unmasked of the medians, with a 95 % bootstrap CI over the paired runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engines import TASKS, workload  # noqa: E402  (the same prompts as the engine benchmark)
+
+
+def ratio_ci(unmasked: list[float], masked: list[float], n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap CI of median(masked) / median(unmasked), resampling the paired runs."""
+    rng = np.random.default_rng(seed)
+    u, m = np.asarray(unmasked), np.asarray(masked)
+    idx = rng.integers(0, len(u), size=(n_boot, len(u)))
+    ratios = np.median(m[idx], axis=1) / np.median(u[idx], axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--items-per-task", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--rate", type=float, default=0.05, help="WeMask rate (block ME+1)")
+    p.add_argument("--me-layer", type=int, default=None, help="0-based ME block (default: found by a scan)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per engine (alternating)")
+    p.add_argument("--vllm-args", default="", help="extra LLM(...) arguments, key=value,... (lm-eval syntax)")
+    p.add_argument("--out", default=None, help="write bench_vllm_wemask.json/.md here")
+    args = p.parse_args(argv)
+    if args.repeats < 2:
+        p.error("--repeats must be at least 2 (the CI resamples paired runs)")
+
+    import torch
+    from lm_eval.utils import simple_parse_args_string
+    from vllm import LLM, SamplingParams
+
+    from melayer import load_model
+    from melayer.load import local_location
+    from melayer.masking import WeMaskConfig
+    from melayer.vllm_backend import engine_kwargs, wemask_entry
+
+    on_gpu = torch.cuda.is_available()
+    model, tok = load_model(args.model, device="cpu", dtype=torch.float32)  # tokenizer, ME layer, mask size only
+    prompts = [ids for _, ids in workload(tok, args.data_dir, args.items_per_task, 0)]
+    wemask = WeMaskConfig(rate=args.rate, me_layer=args.me_layer).resolved(model, tok)
+    del model
+    base = {"model": local_location(args.model)[1], "dtype": "bfloat16" if on_gpu else "float32", "seed": 0,
+            "gpu_memory_utilization": 0.3}
+    if not on_gpu:
+        base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
+    base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True)
+    requests = [{"prompt_token_ids": q} for q in prompts]
+
+    engines, start_s = {}, {}
+    for name, entry in (("unmasked", None), ("wemask", wemask_entry(wemask))):
+        t0 = time.perf_counter()
+        engines[name] = LLM(**engine_kwargs(entry, base, on_gpu))
+        start_s[name] = time.perf_counter() - t0
+        engines[name].generate(requests, params, use_tqdm=False)  # untimed: kernels, graphs, allocator, cache
+    walls: dict[str, list[float]] = {name: [] for name in engines}
+    tokens = {}
+    for _ in range(args.repeats):
+        for name, llm in engines.items():
+            t0 = time.perf_counter()
+            done = llm.generate(requests, params, use_tqdm=False)
+            walls[name].append(time.perf_counter() - t0)
+            tokens[name] = sum(len(d.outputs[0].token_ids) for d in done)
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    ratio = med["wemask"] / med["unmasked"]
+    lo, hi = ratio_ci(walls["unmasked"], walls["wemask"])
+    result = {"model": args.model, "dtype": base["dtype"], "items": len(prompts), "tasks": list(TASKS),
+              "max_new_tokens": args.max_new_tokens, "ignore_eos": True, "repeats": args.repeats,
+              "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
+              "engine_args": {k: v for k, v in base.items() if k != "model"}, "start_s": start_s, "walls_s": walls,
+              "median_wall_s": med, "tokens": tokens, "tokens_per_s": {n: tokens[n] / med[n] for n in med},
+              "overhead_ratio": ratio, "overhead_ratio_ci95": [lo, hi], "command": " ".join(sys.argv)}
+    lines = [f"# WeMask inside vLLM: {len(prompts)} prompts x {args.max_new_tokens} tokens (EOS ignored), "
+             f"{args.repeats} alternating runs each", "",
+             "| engine | median wall s | runs (s) | tokens/s |", "|---|---|---|---|"]
+    for name in engines:
+        lines.append(f"| {name} | {med[name]:.3f} | {', '.join(f'{w:.3f}' for w in walls[name])} | "
+                     f"{tokens[name] / med[name]:,.0f} |")
+    lines += ["", f"masked / unmasked (ratio of median walls): **{ratio:.3f}** (95 % bootstrap CI {lo:.3f} - {hi:.3f})",
+              "", f"Command: `{result['command']}`"]
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_vllm_wemask.json").write_text(json.dumps(result, indent=2))
+        (out / "bench_vllm_wemask.md").write_text("\n".join(lines) + "\n")
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
