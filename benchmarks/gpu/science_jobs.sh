@@ -6,8 +6,9 @@
 # {after_me, from_after_me} x {clean, paper}; an eval out dir resumes from its logged answers, and
 # `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan, and the two pre-registered
 # confirmatory runs, exactly as docs/results/preregistration_{overrefusal,mmlu}.md fix them: confirm_overrefusal,
-# confirm_mmlu (analysed by benchmarks/confirmatory.py); smollm2_rest, qwen25coder_rest: the curves a first run of
-# smollm2/qwen25coder did not reach (docs/results/rate_curve.md lists them), Qwen's over-refusal (XSTest) first, into rates_<model>_rest_*.
+# confirm_mmlu (analysed by benchmarks/confirmatory.py); smollm2_rest, qwen25coder_rest: the curves that no run has
+# reached yet (docs/results/rate_curve.md lists them; Qwen's XSTest and paper GSM8K curves, run first by an earlier
+# qwen25coder_rest, are there with their commands), into rates_smollm2_rest_* and rates_qwen25coder_rest2_*.
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
 job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest|qwen25coder_rest|bench_scan|confirm_overrefusal|confirm_mmlu}
@@ -43,11 +44,10 @@ smollm2) model_job "$SMOL_GGUF" smollm2 ;;
 qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
 smollm2_rest) rates "$SMOL_GGUF" smollm2_rest melayer_mmlu_text 500 clean
   rates "$SMOL_GGUF" smollm2_rest melayer_gsm8k 100 "clean paper" ;;
-qwen25coder_rest) rates "$QWEN_GGUF" qwen25coder_rest melayer_xstest 200 "clean paper"  # over-refusal first
-  rates "$QWEN_GGUF" qwen25coder_rest melayer_gsm8k 100 "clean paper"
-  rates "$QWEN_GGUF" qwen25coder_rest melayer_wikitext2 12 clean
-  rates "$QWEN_GGUF" qwen25coder_rest melayer_mmlu_text 500 clean
-  rates "$QWEN_GGUF" qwen25coder_rest melayer_mmlu 500 paper ;;  # the whole curve again: cheap
+qwen25coder_rest) rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean
+  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_wikitext2 12 clean
+  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu_text 500 clean
+  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper ;;  # the whole curve again: cheap
 bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
               --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
 confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
