@@ -43,7 +43,7 @@ case $job in
 smollm2) model_job "$SMOL_GGUF" smollm2 ;;
 qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
 smollm2_rest) rates "$SMOL_GGUF" smollm2_rest melayer_mmlu_text 500 clean
-  rates "$SMOL_GGUF" smollm2_rest melayer_gsm8k 100 "clean paper" ;;
+  rates "$SMOL_GGUF" smollm2_rest melayer_gsm8k 100 clean ;;  # the paper protocol's curve ran on a CPU
 qwen25coder_rest) rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean
   rates "$QWEN_GGUF" qwen25coder_rest2 melayer_wikitext2 12 clean
   rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu_text 500 clean
