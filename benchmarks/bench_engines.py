@@ -144,6 +144,20 @@ def load_runs(log: Optional[JsonlLog], same_run: dict) -> dict[str, dict]:
     return runs
 
 
+def vllm_base_args(model: str, on_gpu: bool, extra: Optional[str] = None,
+                   gpu_defaults: Optional[dict] = None) -> dict:
+    """``LLM(...)`` arguments for a benchmark engine: the local model folder, bf16 on a GPU (fp32 on a CPU), seed 0,
+    melayer eval's CPU defaults (or ``gpu_defaults``), then ``extra`` (``--vllm-args``, ``k=v,k=v``) on top."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from melayer.evaluate.runner import VLLM_CPU_DEFAULTS
+    from melayer.load import local_location
+
+    base = {"model": local_location(model)[1], "dtype": "bfloat16" if on_gpu else "float32", "seed": 0,
+            **((gpu_defaults or {}) if on_gpu else VLLM_CPU_DEFAULTS)}
+    return {**base, **(simple_parse_args_string(extra) if extra else {})}
+
+
 def report(runs: dict[str, dict], setup: dict, out: Optional[Path], show: bool = True) -> None:
     """The table of every finished engine (speed against ``hf_generate``, tokens against its output), printed
     (``show``) and, with ``out``, written as bench_engines.json/.md."""
@@ -205,7 +219,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from melayer import load_model
-    from melayer.load import local_location
     from melayer.masking import WeMaskConfig, apply_wemask
     from melayer.text import eos_ids, pad_id
 
@@ -289,15 +302,11 @@ def main(argv=None) -> int:
 
     vllm_start = {}
     if args.vllm:
-        from lm_eval.utils import simple_parse_args_string
         from vllm import LLM, SamplingParams
 
         from melayer.vllm_backend import engine_kwargs, wemask_entry
 
-        base = {"model": local_location(args.model)[1], "dtype": "bfloat16" if on_gpu else "float32", "seed": 0}
-        if not on_gpu:
-            base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
-        base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
+        base = vllm_base_args(args.model, on_gpu, args.vllm_args)
         for name, entry in (("vllm", None), ("vllm + wemask", wemask_entry(wemask))):
             if name in runs:
                 print(f"{name}: reused from {log.path}", flush=True)

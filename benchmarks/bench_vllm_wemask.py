@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import TASKS, workload  # noqa: E402  (the same prompts as the engine benchmark)
+from bench_engines import TASKS, vllm_base_args, workload  # noqa: E402  (the same prompts as the engine benchmark)
 
 
 def ratio_ci(unmasked: list[float], masked: list[float], n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
@@ -51,11 +51,9 @@ def main(argv=None) -> int:
         p.error("--repeats must be at least 2 (the CI resamples paired runs)")
 
     import torch
-    from lm_eval.utils import simple_parse_args_string
     from vllm import LLM, SamplingParams
 
     from melayer import load_model
-    from melayer.load import local_location
     from melayer.masking import WeMaskConfig
     from melayer.vllm_backend import engine_kwargs, wemask_entry
 
@@ -64,11 +62,7 @@ def main(argv=None) -> int:
     prompts = [ids for _, ids in workload(tok, args.data_dir, args.items_per_task, 0)]
     wemask = WeMaskConfig(rate=args.rate, me_layer=args.me_layer).resolved(model, tok)
     del model
-    base = {"model": local_location(args.model)[1], "dtype": "bfloat16" if on_gpu else "float32", "seed": 0,
-            "gpu_memory_utilization": 0.3}
-    if not on_gpu:
-        base.update(enforce_eager=True, gpu_memory_utilization=0.2, kv_cache_memory_bytes=1 << 30)
-    base.update(simple_parse_args_string(args.vllm_args) if args.vllm_args else {})
+    base = vllm_base_args(args.model, on_gpu, args.vllm_args, gpu_defaults={"gpu_memory_utilization": 0.3})
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True)
     requests = [{"prompt_token_ids": q} for q in prompts]
 
