@@ -4,27 +4,31 @@
 #   mkdir -p logs && setsid nohup bash benchmarks/gpu/science_jobs.sh smollm2 > logs/smollm2.log 2>&1 < /dev/null &
 # Jobs: smollm2, qwen25coder (scan, explain with 128 prompts, then the rate curves: each task at 10 rates x
 # {after_me, from_after_me} x {clean, paper}; an eval out dir resumes from its logged answers, and
-# `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan, and the two pre-registered
-# confirmatory runs, exactly as docs/results/preregistration_{overrefusal,mmlu}.md fix them: confirm_overrefusal,
-# confirm_mmlu (analysed by benchmarks/confirmatory.py); smollm2_rest, qwen25coder_rest: the curves that no run has
-# reached yet (docs/results/rate_curve.md lists them; Qwen's XSTest and paper GSM8K curves, run first by an earlier
-# qwen25coder_rest, are there with their commands), into rates_smollm2_rest_* and rates_qwen25coder_rest2_*.
+# `melayer eval --score-only --tasks T ...` rescores whatever finished), bench_scan, and the pre-registered
+# confirmatory runs, exactly as docs/results/preregistration_{overrefusal,mmlu,overrefusal_rate01}.md fix them:
+# confirm_overrefusal, confirm_mmlu, confirm_overrefusal_rate01 (analysed by benchmarks/confirmatory.py);
+# smollm2_rest, qwen25coder_rest: the curves the first runs did not reach (docs/results/rate_curve.md; Qwen's
+# XSTest and paper GSM8K curves, run first by an earlier qwen25coder_rest, are there with their commands), into
+# rates_smollm2_rest2_* and rates_qwen25coder_rest2_*: the coarser GRID first, then the other rates of the full
+# grid (each run resumes from its logged answers, so the second pass only answers the new conditions).
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
-job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest|qwen25coder_rest|bench_scan|confirm_overrefusal|confirm_mmlu}
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest|qwen25coder_rest|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
 DATA_DIR=${DATA_DIR:-.carry/data}
 SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
 OUT=${JOB_OUT:-runs/gpu}
 RATES=0,0.005,0.01,0.02,0.05,0.1,0.25,0.5,0.75,1
+GRID=0,0.01,0.1,0.25,0.5,1  # the coarser grid of the *_rest jobs: every layer set within one GPU session
 run() { echo "== $(date +%T) melayer $*"; python3 -m melayer.cli "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
 
-rates() {  # rates() MODEL NAME TASK LIMIT PROTOCOLS: the rate curve of one task, both layer sets
-  local model=$1 name=$2 task=$3 limit=$4 protocols=$5 extra=()
+rates() {  # rates MODEL NAME TASK LIMIT PROTOCOLS [RATES] [LAYER_SETS] [BATCH]: one task's rate curve
+  local model=$1 name=$2 task=$3 limit=$4 protocols=$5 rates=${6:-$RATES} layers=${7:-after_me from_after_me}
+  local batch=${8:-128} extra=()
   [ "$limit" = all ] || extra=(--limit "$limit")
   for protocol in $protocols; do
-    run eval "$model" --protocol "$protocol" --tasks "$task" "${extra[@]}" --wemask-rates "$RATES" \
-      --wemask-layers after_me from_after_me --data-dir "$DATA_DIR" --batch-size 128 \
+    run eval "$model" --protocol "$protocol" --tasks "$task" "${extra[@]}" --wemask-rates "$rates" \
+      --wemask-layers $layers --data-dir "$DATA_DIR" --batch-size "$batch" \
       --out "$OUT/rates_${name}_${protocol}"
   done
 }
@@ -42,17 +46,25 @@ model_job() {  # everything for one model, cheapest first: scan, explain, then t
 case $job in
 smollm2) model_job "$SMOL_GGUF" smollm2 ;;
 qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
-smollm2_rest) rates "$SMOL_GGUF" smollm2_rest melayer_mmlu_text 500 clean
-  rates "$SMOL_GGUF" smollm2_rest melayer_gsm8k 100 clean ;;  # the paper protocol's curve ran on a CPU
-qwen25coder_rest) rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean
-  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_wikitext2 12 clean
-  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu_text 500 clean
-  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper ;;  # the whole curve again: cheap
+smollm2_rest) rates "$SMOL_GGUF" smollm2_rest2_mmlutext melayer_mmlu_text 500 clean "$GRID" from_after_me
+  rates "$SMOL_GGUF" smollm2_rest2 melayer_gsm8k 100 clean "$GRID"  # the paper protocol's curve ran on a CPU
+  rates "$SMOL_GGUF" smollm2_rest2_mmlutext melayer_mmlu_text 500 clean "$RATES" from_after_me ;;
+qwen25coder_rest)
+  for rates in "$GRID" "$RATES"; do
+    rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean "$rates"
+    # rolling perplexity over whole articles: fp32 attention over up to 32k tokens, one article per batch
+    rates "$QWEN_GGUF" qwen25coder_rest2_wikitext2 melayer_wikitext2 12 clean "$rates" "after_me from_after_me" 1
+    rates "$QWEN_GGUF" qwen25coder_rest2_mmlutext melayer_mmlu_text 500 clean "$rates" "after_me from_after_me" 64
+  done
+  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper 0,0.05,0.1,0.25,0.5,0.75,1 from_after_me 64 ;;
 bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
               --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
 confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
     --seed 1 --wemask-rates 0,0.01 --wemask-mode paper --wemask-layers after_me --me-layer 1 --dtype bf16 \
     --data-dir "$DATA_DIR" --out "$OUT/confirm_overrefusal" ;;
+confirm_overrefusal_rate01) run eval "$QWEN_GGUF" --protocol paper --tasks melayer_xstest,melayer_harmless \
+    --wemask-rates 0,0.1 --wemask-layers after_me --me-layer 1 --data-dir "$DATA_DIR" --batch-size 128 \
+    --out "$OUT/confirm_overrefusal_rate01" ;;
 confirm_mmlu) run eval "$QWEN_GGUF" --protocol paper --tasks melayer_mmlu --limit 3500 --seed 1 \
     --wemask-rates 0,0.01 --wemask-layers from_after_me --me-layer 1 --data-dir "$DATA_DIR" \
     --out "$OUT/confirm_mmlu" ;;
