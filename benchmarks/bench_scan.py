@@ -1,11 +1,12 @@
 """Scan cost: hooks vs a plain forward (time), and hooks vs output_hidden_states (peak memory); load time.
 
-    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--variants reference,eager,cuda_graph]
+    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--variants reference,eager,cuda_graph:histogram]
                                     [--out docs/results/bench_scan.json]
 
 Time: a plain forward, the capture forward as shipped (``reduction="auto"``) and the capture with each other
-reduction of ``ResidualCapture`` alternate on the same input; medians are compared (target ≤ 1.10×), and each
-variant's statistics are checked against the reference reduction's (they must be identical). The table of
+reduction of ``ResidualCapture`` (``REDUCTION[:MEDIAN]``: with another median selection) alternate on the same
+input; medians are compared (target ≤ 1.10×), and each variant's statistics are checked against the reference
+reduction's (they must be identical). The table of
 ratios is printed last. Memory: each approach runs in a fresh subprocess; peak RSS (CPU) or peak CUDA memory
 above the loaded model is compared: capture keeps O(layers × dims), output_hidden_states keeps every hidden state.
 """
@@ -122,8 +123,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", help="comma-separated reductions timed beside the shipped capture "
-                                      "(default: reference,eager, and cuda_graph on CUDA)")
+    p.add_argument("--variants", help="comma-separated REDUCTION[:MEDIAN] timed beside the shipped capture "
+                                      "(default: reference,eager, and cuda_graph,cuda_graph:histogram on CUDA)")
     p.add_argument("--out", default=str(ROOT / "docs/results/bench_scan.json"))
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
     p.add_argument("--profile", action="store_true", help="also print the ops that cost the capture most (profiler)")
@@ -132,13 +133,14 @@ def main() -> None:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
 
     from melayer import load_model
-    from melayer.capture import REDUCTIONS, ResidualCapture, resolve_reduction
+    from melayer.capture import MEDIANS, REDUCTIONS, ResidualCapture, resolve_reduction
     from melayer.report import console_table
 
-    variants = (args.variants or "reference,eager" + (",cuda_graph" if args.device == "cuda" else "")).split(",")
-    unknown = set(variants) - set(REDUCTIONS)
+    gpu_variants = ",cuda_graph,cuda_graph:histogram" if args.device == "cuda" else ""
+    variants = (args.variants or "reference,eager" + gpu_variants).split(",")
+    unknown = {v for v in variants if v.split(":")[0] not in REDUCTIONS or v.partition(":")[2] not in ("", *MEDIANS)}
     if unknown:
-        p.error(f"unknown --variants {sorted(unknown)}; choose from {REDUCTIONS}")
+        p.error(f"unknown --variants {sorted(unknown)}; choose REDUCTION[:MEDIAN] from {REDUCTIONS} and {MEDIANS}")
     shipped = resolve_reduction("auto")
 
     t0 = time.perf_counter()
@@ -155,9 +157,11 @@ def main() -> None:
     def plain():
         model.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def capture_with(reduction: str):
+    def capture_with(variant: str):
+        reduction, _, median = variant.partition(":")
+
         def forward():
-            with ResidualCapture(model, reduction=reduction) as c:
+            with ResidualCapture(model, reduction=reduction, median=median or "auto") as c:
                 layers = c.run(ids, mask)
                 return [c.embedding, *layers]
 

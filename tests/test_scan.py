@@ -148,13 +148,12 @@ def _hidden_case(case: str):
     return (h.bfloat16() if case == "bf16" else h), mask, delim
 
 
-@pytest.mark.parametrize("median", ["select", "sort"])
+@pytest.mark.parametrize("median", ["select", "sort", "histogram"])
 @pytest.mark.parametrize("case", ["batch1", "padded", "no_pad", "bf16"])
-def test_planned_reduction_is_identical_to_reduce_hidden(case, median, monkeypatch):
+def test_planned_reduction_is_identical_to_reduce_hidden(case, median):
     """What ResidualCapture.run computes (masks once per forward, packed, finished on the host) equals the
-    definition field by field, bit for bit; "sort" is the CUDA median, run here on the CPU."""
-    if median == "sort":
-        monkeypatch.setattr(capture, "nanmedian_rows", capture.nanmedian_by_sort)
+    definition field by field, bit for bit, whichever way the median is selected ("sort" and "histogram" are
+    the CUDA methods, run here on the CPU)."""
     h, mask, delim = _hidden_case(case)
     valid = mask != 0
     first = valid.int().argmax(1)
@@ -163,7 +162,7 @@ def test_planned_reduction_is_identical_to_reduce_hidden(case, median, monkeypat
     for abs_threshold, ratio in ((100.0, 1000.0), (2.0, 3.0)):
         want = reduce_hidden(h, valid, positions == first[:, None], delim_sel, first, abs_threshold, ratio)
         plan = ReductionPlan(mask, delim)
-        floats, ints = reduce_packed(h, plan.on(h.device), abs_threshold, ratio)
+        floats, ints = reduce_packed(h, plan.on(h.device), abs_threshold, ratio, median)
         got = plan.unpack(floats[None], ints[None])[0]
         _assert_identical(got, want)
         assert ratio == 1000.0 or int(want.massive_count.sum()) > 0
@@ -178,6 +177,25 @@ def test_nanmedian_by_sort_equals_nanmedian():
     rows[4, :21] = float("nan")  # an odd count of values
     torch.testing.assert_close(capture.nanmedian_by_sort(rows), torch.nanmedian(rows, 1).values,
                                rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4])
+def test_nanmedian_by_histogram_equals_nanmedian(scale):
+    """Radix selection on the float bits picks torch.nanmedian's element: ties, NaN pads, an all-NaN row, one
+    value left, +inf, values sharing their upper 16 bits (so the second pass decides), bf16-exact values."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(8, 5000, generator=g).abs() * scale
+    rows[1] = torch.randint(0, 4, (5000,), generator=g).float() * scale  # ties
+    rows[2, ::3] = float("nan")
+    rows[3] = float("nan")
+    rows[4, 1:] = float("nan")
+    rows[5, :7] = float("inf")
+    rows[6] = scale * (1 + torch.arange(5000) * 2.0 ** -22)  # one upper-16-bit bin: the lower bits decide
+    rows[7] = rows[7].bfloat16().float()
+    want = torch.nanmedian(rows, 1).values
+    got = capture.nanmedian_by_histogram(rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert not torch.equal(capture.nanmedian_by_histogram(rows[:, 1:]).nan_to_num(), want.nan_to_num())  # guard
 
 
 @pytest.mark.parametrize("case", ["normal", "ties", "periodic", "nan_pads", "bf16", "small", "bracket_misses"])
@@ -217,10 +235,11 @@ def test_capture_reductions_give_identical_stats(device):
              (torch.arange(3, 20)[None], torch.ones(1, 17, dtype=torch.long), None)]
     for ids, mask, delim in cases:
         runs = {}
-        for reduction in capture.REDUCTIONS:
-            with ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction=reduction) as cap:
+        variants = [(r, "auto") for r in capture.REDUCTIONS] + [("cuda_graph", "histogram"), ("eager", "sort")]
+        for reduction, median in variants:
+            with ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction=reduction, median=median) as cap:
                 layers = cap.run(ids, mask, delim)
-                runs[reduction] = [cap.embedding, *layers]
+                runs[reduction if median == "auto" else f"{reduction}:{median}"] = [cap.embedding, *layers]
         for stats in runs.values():
             assert len(stats) == model.config.num_hidden_layers + 1
             for got, want in zip(stats, runs["reference"]):
