@@ -10,7 +10,9 @@ exactly. Pad tokens are excluded using the attention mask (left padding aware, v
 (:class:`ReductionPlan`): the token masks are built once per forward on the host, the per-block work is ~30
 kernels packed into two tensors, and all blocks reach the host in two copies. On a GPU each block's reduction
 is one CUDA graph replay (the default, measured faster), because a small model's forward is launch bound there
-and the hooks' launches, not their arithmetic, are the cost.
+and the hooks' launches, not their arithmetic, are the cost. ``reduction="cuda_graph_grouped"`` cuts that host
+work further: each hook only copies its hidden state into a slot, and one replay reduces K of them
+(:class:`GroupedReduction`).
 """
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def reduce_hidden(h: torch.Tensor, valid: torch.Tensor, first_sel: torch.Tensor,
     )
 
 
-REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
+REDUCTIONS = ("auto", "reference", "eager", "cuda_graph", "cuda_graph_grouped")
 
 
 def resolve_reduction(reduction: str) -> str:
@@ -248,40 +250,110 @@ def reduce_packed(h: torch.Tensor, masks: dict, abs_threshold: float = 100.0, ra
     return floats, ints
 
 
+def _record(fn, device: torch.device) -> tuple["torch.cuda.CUDAGraph", list[torch.Tensor]]:
+    """``fn`` (returning tensors) captured as a CUDA graph, and its outputs, which every replay overwrites."""
+    from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    outputs = []
+    _capture(graph, side, lambda: outputs.extend(fn()))
+    return graph, outputs
+
+
 class GraphedReduction:
     """:func:`reduce_packed` for one input shape and mask layout, captured as a CUDA graph: one launch replays
     its ~30 kernels. The graph reads its own copies of the input and the masks, refreshed before a replay."""
 
     def __init__(self, h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float, median: str):
-        from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
-
         self.input = h.clone()
         self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
         self.masks_of = masks
-        side = torch.cuda.Stream(h.device)
-        side.wait_stream(torch.cuda.current_stream(h.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
-            reduce_packed(self.input, self.masks, abs_threshold, ratio, median)
-        torch.cuda.current_stream(h.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        outputs = []
-        _capture(self.graph, side,
-                 lambda: outputs.extend(reduce_packed(self.input, self.masks, abs_threshold, ratio, median)))
-        self.outputs = outputs
+        self.graph, self.outputs = _record(
+            lambda: reduce_packed(self.input, self.masks, abs_threshold, ratio, median), h.device)
 
     def __call__(self, h: torch.Tensor, masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if masks is not self.masks_of:  # a new forward's plan
-            for k, m in masks.items():
-                if m is not None:
-                    self.masks[k].copy_(m)
-            self.masks_of = masks
+        _refresh(self, masks)
         self.input.copy_(h)
         self.graph.replay()
         return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites the outputs
 
 
+def _refresh(graphed, masks: dict) -> None:
+    """Copy a new forward's plan ``masks`` into the ones a captured graph reads."""
+    if masks is not graphed.masks_of:
+        for k, m in masks.items():
+            if m is not None:
+                graphed.masks[k].copy_(m)
+        graphed.masks_of = masks
+
+
+def reduce_slots(slots: list[torch.Tensor], masks: dict, abs_threshold: float, ratio: float,
+                 median: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reduce_packed` of each slot, stacked (K, B, ·). Slot by slot, not as one batch of K·B rows: CUDA
+    lays a reduction out by its number of outputs, so K·B rows would sum the norms in another order (other bits)."""
+    packs = [reduce_packed(h, masks, abs_threshold, ratio, median) for h in slots]
+    return torch.stack([p[0] for p in packs]), torch.stack([p[1] for p in packs])
+
+
+GROUP_BUDGET = 64 * 2**20  # bytes a group's slots may hold: the stash, not every hidden state (O(layers × dims))
+GROUP_MAX = 8  # one launch per 8 blocks leaves little host time to save; more slots would only cost memory
+
+
+def group_size(h: torch.Tensor, states: int) -> int:
+    """K for :class:`GroupedReduction`: as many copies of ``h`` as fit in ``GROUP_BUDGET`` (the slots reduce one
+    at a time, so their intermediates are one hidden state's), at most ``GROUP_MAX`` and the ``states`` reduced."""
+    return max(1, min(GROUP_MAX, states, GROUP_BUDGET // (h.numel() * h.element_size())))
+
+
+class GroupedReduction:
+    """K hidden states of one shape reduced by one call (:func:`reduce_slots`): each hook only copies its state
+    into a slot, and on CUDA the call is one graph replay, so the per-block host work is one copy, not a replay and
+    three copies. All K slots are reduced (as the graph does, off CUDA too); the rows of slots not refilled since
+    the last call (stale states) are dropped."""
+
+    def __init__(self, h: torch.Tensor, masks: dict, size: int, abs_threshold: float, ratio: float, median: str,
+                 graphed: bool):
+        self.slots = [h.new_zeros(h.shape) for _ in range(size)]  # each its own allocation, as GraphedReduction's
+        self.settings = (abs_threshold, ratio, median)
+        self.graph = None
+        if graphed:
+            self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
+            self.masks_of = masks
+            self.graph, self.outputs = _record(lambda: reduce_slots(self.slots, self.masks, *self.settings), h.device)
+
+    def __call__(self, masks: dict, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packs (floats, ints) of the first ``filled`` slots, (filled, B, ·) each."""
+        if self.graph is None:
+            floats, ints = reduce_slots(self.slots, masks, *self.settings)
+            return floats[:filled], ints[:filled]
+        _refresh(self, masks)
+        self.graph.replay()
+        return self.outputs[0][:filled].clone(), self.outputs[1][:filled].clone()  # one copy each per group
+
+
 _GRAPHS: "OrderedDict[tuple, Optional[GraphedReduction]]" = OrderedDict()
+_GROUPED_GRAPHS: "OrderedDict[tuple, Optional[GroupedReduction]]" = OrderedDict()  # apart: a benchmark alternates
 GRAPHS_KEPT = 2  # each holds its intermediates' memory; a scan's batches mostly differ in width anyway
+
+
+def _cached_graph(cache: OrderedDict, key: tuple, device: torch.device, build):
+    """``build()`` once per key, None where the capture failed (the caller reduces eagerly: same values)."""
+    if key not in cache:
+        try:
+            with torch.cuda.device(device):
+                cache[key] = build()
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=3)
+            cache[key] = None
+        while len(cache) > GRAPHS_KEPT:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return cache[key]
 
 
 def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float,
@@ -289,17 +361,21 @@ def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio:
     """The captured reduction for ``h``'s shape and the mask layout, shared by every capture (a scan makes one
     per run); None where the capture failed, and the caller reduces eagerly (same values)."""
     key = (tuple(h.shape), h.dtype, h.device, abs_threshold, ratio, median, tuple(m is None for m in masks.values()))
-    if key not in _GRAPHS:
-        try:
-            with torch.cuda.device(h.device):
-                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median)
-        except RuntimeError as err:
-            warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=2)
-            _GRAPHS[key] = None
-        while len(_GRAPHS) > GRAPHS_KEPT:
-            _GRAPHS.popitem(last=False)
-    _GRAPHS.move_to_end(key)
-    return _GRAPHS[key]
+    return _cached_graph(_GRAPHS, key, h.device,
+                         lambda: GraphedReduction(h, masks, abs_threshold, ratio, median))
+
+
+def grouped_reduction(h: torch.Tensor, masks: dict, size: int, abs_threshold: float, ratio: float,
+                      median: str = "auto") -> GroupedReduction:
+    """A group of ``size`` slots for ``h``'s shape: on CUDA its captured graph, shared by every capture; off CUDA,
+    or where the capture failed, a fresh eager one (the same slots and calls, without the graph)."""
+    settings = (abs_threshold, ratio, median)
+    graphed = None
+    if h.is_cuda:
+        key = (tuple(h.shape), h.dtype, h.device, size, *settings, tuple(m is None for m in masks.values()))
+        graphed = _cached_graph(_GROUPED_GRAPHS, key, h.device,
+                                lambda: GroupedReduction(h, masks, size, *settings, graphed=True))
+    return graphed if graphed is not None else GroupedReduction(h, masks, size, *settings, graphed=False)
 
 
 class ResidualCapture:
@@ -308,8 +384,10 @@ class ResidualCapture:
 
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
-    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto"
-    (:func:`resolve_reduction`); ``median``: how its median is selected (:func:`nanmedian_rows`).
+    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA), "cuda_graph_grouped" (hooks stash
+    their states and one replay reduces K of them, :func:`group_size`: on a GPU the host's launches, not the
+    arithmetic, cost; off CUDA the same groups, reduced eagerly) or "auto" (:func:`resolve_reduction`); ``median``:
+    how its median is selected (:func:`nanmedian_rows`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
@@ -326,11 +404,14 @@ class ResidualCapture:
         self.ctx = TokenContext(model, self.hooks)
         self.delim_index: Optional[torch.Tensor] = None
         self.plan: Optional[ReductionPlan] = None
-        self.graphed = False
+        self.graphed = self.grouped = False
         self.stats: dict[int, LayerStats] = {}
         self.embedding: Optional[LayerStats] = None
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._group: Optional[GroupedReduction] = None
+        self._slotted: list[int] = []  # the indices of the hidden states in the open group's slots, in order
         layers = adapter_for(model).layers(model)
+        self._states = len(layers) + 1  # the embeddings and every block's output
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
         for i, block in enumerate(layers):
             self.hooks.forward(block, self._make_hook(i))
@@ -356,10 +437,35 @@ class ResidualCapture:
                     self.stats[index] = stats
                 return
             masks = self.plan.on(h.device)
+            if self.grouped:
+                self._stash(index, h, masks)
+                return
             graph = (graphed_reduction(h, masks, self.abs_threshold, self.ratio, self.median)
                      if self.graphed and h.is_cuda else None)
             self._packs[index] = (graph(h, masks) if graph is not None
                                   else reduce_packed(h, masks, self.abs_threshold, self.ratio, self.median))
+
+    def _stash(self, index: int, h: torch.Tensor, masks: dict) -> None:
+        """Copy ``h`` into the open group's next slot; a full group is reduced at once."""
+        group = self._group
+        if group is not None and (group.slots[0].shape, group.slots[0].dtype, group.slots[0].device) != (
+                h.shape, h.dtype, h.device):  # a device map moved on, or another dtype: close the group
+            self._flush()
+            group = None
+        if group is None:
+            group = self._group = grouped_reduction(h, masks, group_size(h, self._states), self.abs_threshold,
+                                                    self.ratio, self.median)
+        group.slots[len(self._slotted)].copy_(h)
+        self._slotted.append(index)
+        if len(self._slotted) == len(group.slots):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Reduce the open group's filled slots (the rest hold stale states: their rows are dropped)."""
+        if self._slotted:
+            floats, ints = self._group(self.plan.on(self._group.slots[0].device), len(self._slotted))
+            self._packs.update(zip(self._slotted, zip(floats, ints)))
+            self._slotted = []
 
     def _embedding_hook(self, module, args, kwargs):
         self._keep(-1, hidden_arg(args, kwargs))
@@ -384,13 +490,14 @@ class ResidualCapture:
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
         if plan is not None:
             plan.on(device)  # host-to-device copies wait for the stream: make them before the forward, not in it
-        self.plan, self.graphed = plan, reduction == "cuda_graph"
+        self.plan, self.graphed, self.grouped = plan, reduction == "cuda_graph", reduction == "cuda_graph_grouped"
         try:
             adapter_for(self.model).decoder(self.model)(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
             )
+            self._flush()  # the last, partial group
         finally:
-            self.plan = None
+            self.plan, self._group, self._slotted = None, None, []
         if plan is None:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
