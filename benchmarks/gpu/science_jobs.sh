@@ -9,11 +9,13 @@
 # confirm_overrefusal, confirm_mmlu, confirm_overrefusal_rate01 (analysed by benchmarks/confirmatory.py);
 # smollm2_rest, qwen25coder_rest: the curves the first runs did not reach (docs/results/rate_curve.md; Qwen's
 # XSTest and paper GSM8K curves, run first by an earlier qwen25coder_rest, are there with their commands), into
-# rates_smollm2_rest2_* and rates_qwen25coder_rest2_*: the coarser GRID first, then the other rates of the full
-# grid (each run resumes from its logged answers, so the second pass only answers the new conditions).
+# rates_smollm2_rest2_* and rates_qwen25coder_rest2_*, task by task (`qwen25coder_rest wikitext2` runs one part,
+# `qwen25coder_rest "wikitext2 mmlutext"` two: parts can run as parallel jobs), each the coarser GRID first, then
+# the other rates of the full grid (a run resumes from its logged answers: the second pass only answers the new
+# conditions).
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
-job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest|qwen25coder_rest|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest [PARTS]|qwen25coder_rest [PARTS]|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
 DATA_DIR=${DATA_DIR:-.carry/data}
 SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
@@ -46,17 +48,21 @@ model_job() {  # everything for one model, cheapest first: scan, explain, then t
 case $job in
 smollm2) model_job "$SMOL_GGUF" smollm2 ;;
 qwen25coder) model_job "$QWEN_GGUF" qwen25coder ;;
-smollm2_rest) rates "$SMOL_GGUF" smollm2_rest2_mmlutext melayer_mmlu_text 500 clean "$GRID" from_after_me
-  rates "$SMOL_GGUF" smollm2_rest2 melayer_gsm8k 100 clean "$GRID"  # the paper protocol's curve ran on a CPU
-  rates "$SMOL_GGUF" smollm2_rest2_mmlutext melayer_mmlu_text 500 clean "$RATES" from_after_me ;;
-qwen25coder_rest)
-  for rates in "$GRID" "$RATES"; do
-    rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean "$rates"
+smollm2_rest) for part in ${2:-mmlutext gsm8k}; do for rates in "$GRID" "$RATES"; do case $part in
+    mmlutext) rates "$SMOL_GGUF" smollm2_rest2_mmlutext melayer_mmlu_text 500 clean "$rates" from_after_me ;;
+    gsm8k) rates "$SMOL_GGUF" smollm2_rest2 melayer_gsm8k 100 clean "$rates" ;;  # the paper protocol's ran on a CPU
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac; done; done ;;
+qwen25coder_rest) for part in ${2:-gsm8k wikitext2 mmlutext mmlu_paper}; do for rates in "$GRID" "$RATES"; do
+  case $part in
+    gsm8k) rates "$QWEN_GGUF" qwen25coder_rest2 melayer_gsm8k 100 clean "$rates" ;;
     # rolling perplexity over whole articles: fp32 attention over up to 32k tokens, one article per batch
-    rates "$QWEN_GGUF" qwen25coder_rest2_wikitext2 melayer_wikitext2 12 clean "$rates" "after_me from_after_me" 1
-    rates "$QWEN_GGUF" qwen25coder_rest2_mmlutext melayer_mmlu_text 500 clean "$rates" "after_me from_after_me" 64
-  done
-  rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper 0,0.05,0.1,0.25,0.5,0.75,1 from_after_me 64 ;;
+    wikitext2) rates "$QWEN_GGUF" qwen25coder_rest2_wikitext2 melayer_wikitext2 12 clean "$rates" "after_me from_after_me" 1 ;;
+    mmlutext) rates "$QWEN_GGUF" qwen25coder_rest2_mmlutext melayer_mmlu_text 500 clean "$rates" "after_me from_after_me" 64 ;;
+    mmlu_paper) [ "$rates" = "$GRID" ] || continue  # its missing rates: from_after_me above 0.02
+      rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper 0,0.05,0.1,0.25,0.5,0.75,1 from_after_me 64 ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac; done; done ;;
 bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
               --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
 confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
