@@ -40,3 +40,9 @@ def test_one_sided_mcnemar_counts_the_right_discordant_pairs(direction):
     k = 9 if direction == "decrease" else 3
     assert got["p_one_sided"] == pytest.approx(_upper_tail(k, 12))
     assert got["diff"] == pytest.approx((3 - 9) / 62)
+
+
+def test_second_overrefusal_test_sets_aside_the_first_tests_prompts():
+    first = confirmatory.first_test_harmless_docs()
+    assert first == set(seeded_subset({"melayer_harmless": 6266}, 2000, 1)["melayer_harmless"])
+    assert len(first) == 2000 and confirmatory.HARMLESS_DOCS - len(first) == 4266
