@@ -23,13 +23,13 @@ from scipy.stats import norm
 ALPHA, POWER = 0.05, 0.8
 
 
-def load(spec: str) -> tuple[str, str, dict]:
+def load(spec: str) -> tuple[str, str, dict, str]:
     model, protocol, folder = spec.split(":", 2)
     report = json.loads((Path(folder) / "report.json").read_text())
-    return model, protocol, report
+    return model, protocol, report, Path(folder).name
 
 
-def curves(model: str, protocol: str, report: dict) -> list[dict]:
+def curves(model: str, protocol: str, report: dict, run: str) -> list[dict]:
     """One row per (task, metric, layer set): the scores by rate, the first degrading rate, the MDE."""
     rows = report["results"]
     m = sum(1 for r in rows if "diff" in r)
@@ -48,7 +48,7 @@ def curves(model: str, protocol: str, report: dict) -> list[dict]:
                                                                  else r["diff_ci"][0] > 0)]
             ses = [(r["diff_ci"][1] - r["diff_ci"][0]) / (2 * norm.ppf(0.975)) for r in pts if r.get("diff_ci")]
             out.append({
-                "model": model, "protocol": protocol, "task": task, "metric": metric, "layers": layers,
+                "model": model, "protocol": protocol, "run": run, "task": task, "metric": metric, "layers": layers,
                 "mode": pts[0]["mode"] if pts else None, "n": base["n"],
                 "higher_is_better": base.get("higher_is_better", True),
                 "base": base["value"], "base_ci": base["ci"],
@@ -76,7 +76,7 @@ def fmt(v, digits=3) -> str:
 def markdown(rows: list[dict], command: str) -> str:
     rates = sorted({float(k) for r in rows for k in r["scores"]})
     head = ["model", "protocol", "task", "metric", "layers", "n", "rate 0"] + [f"{x:g}" for x in rates] + [
-        "first degrading rate, Holm (Δ)", "first rate, CI excludes 0 (Δ)", "MDE (80 %)"]
+        "first degrading rate, Holm (Δ)", "first rate, CI excludes 0 (Δ)", "MDE (80 %)", "Holm family"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         first = "none" if r["first_degrading_rate"] is None else \
@@ -89,7 +89,7 @@ def markdown(rows: list[dict], command: str) -> str:
             key, p = f"{x:g}", r["holm_p"].get(f"{x:g}")
             v = r["scores"].get(key)
             cells.append(fmt(v) + ("*" if p is not None and p < ALPHA else ""))
-        cells += [first, ci_first, fmt(r["mde"], 2)]
+        cells += [first, ci_first, fmt(r["mde"], 2), f"{r['run']} ({r['comparisons']})"]
         lines.append("| " + " | ".join(cells) + " |")
     weights = sorted({f"{r['model']}: {r['weights']}" for r in rows if r["weights"]})  # None: a folder with no
     # finished generating command (its model is named by the other folders)
@@ -101,8 +101,8 @@ def markdown(rows: list[dict], command: str) -> str:
         "position; `paper`: the official evaluation's prompts and masking of every chunk's first position). "
         "`*`: Holm-adjusted paired p < 0.05 against rate 0 on the same documents (either direction). "
         "First degrading rate: the smallest rate with a Holm-significant change in the metric's worse direction "
-        "(the Holm family is every comparison of one eval folder, 100-160 here); next to it, the smallest rate whose "
-        "unadjusted 95 % paired CI lies wholly on the worse side. "
+        "(the Holm family is every comparison of one eval folder: the last column names the folder and its "
+        "size); next to it, the smallest rate whose unadjusted 95 % paired CI lies wholly on the worse side. "
         "MDE: the smallest paired difference the comparison had 80 % power to detect at the Bonferroni level of "
         "its table (the largest over the rates). ↓: lower is better.", "",
         "Weights: " + "; ".join(weights) + ".", "",
@@ -121,14 +121,16 @@ def figure(rows: list[dict], path: Path) -> None:
                              squeeze=False)
     for ax, (model, task, metric) in zip(axes.flat, panels):
         mine = [r for r in rows if (r["model"], r["task"], r["metric"]) == (model, task, metric)]
+        # one categorical rate axis per panel: lines from runs with different rate sets stay aligned
+        axis = ["0"] + sorted({k for r in mine for k in r["scores"]}, key=float)
         for r in mine:
             keys = ["0"] + list(r["scores"])
-            xs = range(len(keys))
             ys = [r["base"]] + list(r["scores"].values())
             cis = [r["base_ci"]] + [r["cis"][k] for k in r["scores"]]
             err = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{r['protocol']}, {r['layers']}")
-            ax.set_xticks(list(xs), keys)
+            ax.errorbar([axis.index(k) for k in keys], ys, yerr=err, marker="o", capsize=3,
+                        label=f"{r['protocol']}, {r['layers']} ({r['run']})")
+        ax.set_xticks(range(len(axis)), axis)
         better = "" if mine[0]["higher_is_better"] else " (lower is better)"
         ax.set_title(f"{model}: {task}: {metric}{better}", fontsize=9)
         ax.set_xlabel("WeMask rate")
