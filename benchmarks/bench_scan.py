@@ -1,6 +1,6 @@
 """Scan cost: hooks vs a plain forward (time), and hooks vs output_hidden_states (peak memory); load time.
 
-    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--variants reference,eager,cuda_graph:histogram]
+    python benchmarks/bench_scan.py [--tokens 2048] [--repeats 5] [--variants reference,eager,cuda_graph:sort]
                                     [--out docs/results/bench_scan.json]
 
 Time: a plain forward, the capture forward as shipped (``reduction="auto"``) and the capture with each other
@@ -124,8 +124,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", help="comma-separated REDUCTION[:MEDIAN] timed beside the shipped capture "
-                                      "(default: reference,eager, and on CUDA cuda_graph,cuda_graph:histogram,"
-                                      "cuda_graph_grouped)")
+                                      "(default: reference,eager, and on CUDA cuda_graph)")
     p.add_argument("--out", default=str(ROOT / "docs/results/bench_scan.json"))
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
     p.add_argument("--profile", action="store_true", help="also print the ops that cost the capture most (profiler)")
@@ -137,7 +136,7 @@ def main() -> None:
     from melayer.capture import MEDIANS, REDUCTIONS, ResidualCapture, resolve_reduction
     from melayer.report import console_table
 
-    gpu_variants = ",cuda_graph,cuda_graph:histogram,cuda_graph_grouped" if args.device == "cuda" else ""
+    gpu_variants = ",cuda_graph" if args.device == "cuda" else ""
     variants = (args.variants or "reference,eager" + gpu_variants).split(",")
     unknown = {v for v in variants if v.split(":")[0] not in REDUCTIONS or v.partition(":")[2] not in ("", *MEDIANS)}
     if unknown:

@@ -10,9 +10,7 @@ exactly. Pad tokens are excluded using the attention mask (left padding aware, v
 (:class:`ReductionPlan`): the token masks are built once per forward on the host, the per-block work is ~30
 kernels packed into two tensors, and all blocks reach the host in two copies. On a GPU each block's reduction
 is one CUDA graph replay (the default, measured faster), because a small model's forward is launch bound there
-and the hooks' launches, not their arithmetic, are the cost. ``reduction="cuda_graph_grouped"`` cuts that host
-work further: each hook only copies its hidden state into a slot, and one replay reduces K of them
-(:class:`GroupedReduction`).
+and the hooks' launches, not their arithmetic, are the cost.
 """
 from __future__ import annotations
 
@@ -91,30 +89,28 @@ def reduce_hidden(h: torch.Tensor, valid: torch.Tensor, first_sel: torch.Tensor,
     )
 
 
-REDUCTIONS = ("auto", "reference", "eager", "cuda_graph", "cuda_graph_grouped")
+REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
 
 
 def resolve_reduction(reduction: str) -> str:
-    """What ``reduction="auto"`` runs: the graph replay (eager off CUDA). On an H200 it cost 1.25x a plain forward
-    against 2.09x eager (``docs/results/bench_scan.md``)."""
+    """What ``reduction="auto"`` runs: the graph replay (eager off CUDA), the fastest on an H200
+    (``docs/results/bench_scan.md``)."""
     return "cuda_graph" if reduction == "auto" else reduction
 
 
-MEDIANS = ("auto", "select", "sort", "histogram")
+MEDIANS = ("auto", "select", "sort")
 
 
 def nanmedian_rows(flat: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """``torch.nanmedian(flat, dim=1).values`` for rows of non-negative values (|h|, pads as NaN), by ``method``:
-    "select" (:func:`nanmedian_by_bracket`, row by row), "sort" (:func:`nanmedian_by_sort`) or "histogram"
-    (:func:`nanmedian_by_histogram`), all the same element. "auto": select on a CPU (~3x faster than
+    "select" (:func:`nanmedian_by_bracket`, row by row) or "sort" (:func:`nanmedian_by_sort`), the same
+    element. "auto": select on a CPU (~3x faster than
     ``nanmedian``); sort on CUDA, where ``nanmedian`` selects with one thread block per row (milliseconds for a
     million values) and a sort uses the whole GPU."""
     if method == "auto":
         method = "sort" if flat.is_cuda else "select"
     if method == "select":
         return torch.stack([nanmedian_by_bracket(row) for row in flat])
-    if method == "histogram":
-        return nanmedian_by_histogram(flat)
     return nanmedian_by_sort(flat)
 
 
@@ -142,33 +138,6 @@ def nanmedian_by_sort(flat: torch.Tensor) -> torch.Tensor:
     non_nan = (flat == flat).sum(1)
     rank = torch.div(non_nan - 1, 2, rounding_mode="trunc")  # 0 for an all-NaN row, as nanmedian
     return flat.sort(dim=1).values.gather(1, rank[:, None])[:, 0]
-
-
-def nanmedian_by_histogram(flat: torch.Tensor) -> torch.Tensor:
-    """The lower median over dim 1 of non-negative floats (NaN ignored, NaN for a row without values), by radix
-    selection on the bits, which order non-negative floats as integers: a histogram of the upper 16 bits finds
-    the median's bin, a second one of the lower 16 bits among that bin's values the element. Two passes of
-    integer atomics, no sort and no host sync (a CUDA graph can hold it)."""
-    rows, width = flat.shape
-    bits = flat.float().view(torch.int32)
-    real = flat == flat
-    count = real.sum(1)
-    rank = torch.div(count - 1, 2, rounding_mode="trunc").clamp(min=0)
-    high = (bits >> 16) & 0x7FFF
-    hist = torch.zeros(rows, 1 << 15, dtype=torch.int32, device=flat.device)
-    hist.scatter_add_(1, high.long(), real.int())
-    cum = hist.cumsum(1)
-    hi = (cum <= rank[:, None]).sum(1).clamp(max=(1 << 15) - 1)  # the bin holding the rank-th smallest value
-    below = cum.gather(1, hi[:, None])[:, 0] - hist.gather(1, hi[:, None])[:, 0]
-    inside = real & (high == hi[:, None])
-    # values outside the bin add 0 at spread-out bins: no single hot address for the atomics
-    spread = torch.arange(width, device=flat.device) & 0xFFFF
-    low = torch.where(inside, bits & 0xFFFF, spread)
-    hist2 = torch.zeros(rows, 1 << 16, dtype=torch.int32, device=flat.device)
-    hist2.scatter_add_(1, low.long(), inside.int())
-    lo = (hist2.cumsum(1) <= (rank - below)[:, None]).sum(1)
-    value = ((hi << 16) | lo).int().view(torch.float32)
-    return torch.where(count > 0, value, torch.full_like(value, float("nan"))).to(flat.dtype)
 
 
 class ReductionPlan:
@@ -292,52 +261,7 @@ def _refresh(graphed, masks: dict) -> None:
         graphed.masks_of = masks
 
 
-def reduce_slots(slots: list[torch.Tensor], masks: dict, abs_threshold: float, ratio: float,
-                 median: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reduce_packed` of each slot, stacked (K, B, ·). Slot by slot, not as one batch of K·B rows: CUDA
-    lays a reduction out by its number of outputs, so K·B rows would sum the norms in another order (other bits)."""
-    packs = [reduce_packed(h, masks, abs_threshold, ratio, median) for h in slots]
-    return torch.stack([p[0] for p in packs]), torch.stack([p[1] for p in packs])
-
-
-GROUP_BUDGET = 64 * 2**20  # bytes a group's slots may hold: the stash, not every hidden state (O(layers × dims))
-GROUP_MAX = 8  # one launch per 8 blocks leaves little host time to save; more slots would only cost memory
-
-
-def group_size(h: torch.Tensor, states: int) -> int:
-    """K for :class:`GroupedReduction`: as many copies of ``h`` as fit in ``GROUP_BUDGET`` (the slots reduce one
-    at a time, so their intermediates are one hidden state's), at most ``GROUP_MAX`` and the ``states`` reduced."""
-    return max(1, min(GROUP_MAX, states, GROUP_BUDGET // (h.numel() * h.element_size())))
-
-
-class GroupedReduction:
-    """K hidden states of one shape reduced by one call (:func:`reduce_slots`): each hook only copies its state
-    into a slot, and on CUDA the call is one graph replay, so the per-block host work is one copy, not a replay and
-    three copies. All K slots are reduced (as the graph does, off CUDA too); the rows of slots not refilled since
-    the last call (stale states) are dropped."""
-
-    def __init__(self, h: torch.Tensor, masks: dict, size: int, abs_threshold: float, ratio: float, median: str,
-                 graphed: bool):
-        self.slots = [h.new_zeros(h.shape) for _ in range(size)]  # each its own allocation, as GraphedReduction's
-        self.settings = (abs_threshold, ratio, median)
-        self.graph = None
-        if graphed:
-            self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
-            self.masks_of = masks
-            self.graph, self.outputs = _record(lambda: reduce_slots(self.slots, self.masks, *self.settings), h.device)
-
-    def __call__(self, masks: dict, filled: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The packs (floats, ints) of the first ``filled`` slots, (filled, B, ·) each."""
-        if self.graph is None:
-            floats, ints = reduce_slots(self.slots, masks, *self.settings)
-            return floats[:filled], ints[:filled]
-        _refresh(self, masks)
-        self.graph.replay()
-        return self.outputs[0][:filled].clone(), self.outputs[1][:filled].clone()  # one copy each per group
-
-
 _GRAPHS: "OrderedDict[tuple, Optional[GraphedReduction]]" = OrderedDict()
-_GROUPED_GRAPHS: "OrderedDict[tuple, Optional[GroupedReduction]]" = OrderedDict()  # apart: a benchmark alternates
 GRAPHS_KEPT = 2  # each holds its intermediates' memory; a scan's batches mostly differ in width anyway
 
 
@@ -365,29 +289,14 @@ def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio:
                          lambda: GraphedReduction(h, masks, abs_threshold, ratio, median))
 
 
-def grouped_reduction(h: torch.Tensor, masks: dict, size: int, abs_threshold: float, ratio: float,
-                      median: str = "auto") -> GroupedReduction:
-    """A group of ``size`` slots for ``h``'s shape: on CUDA its captured graph, shared by every capture; off CUDA,
-    or where the capture failed, a fresh eager one (the same slots and calls, without the graph)."""
-    settings = (abs_threshold, ratio, median)
-    graphed = None
-    if h.is_cuda:
-        key = (tuple(h.shape), h.dtype, h.device, size, *settings, tuple(m is None for m in masks.values()))
-        graphed = _cached_graph(_GROUPED_GRAPHS, key, h.device,
-                                lambda: GroupedReduction(h, masks, size, *settings, graphed=True))
-    return graphed if graphed is not None else GroupedReduction(h, masks, size, *settings, graphed=False)
-
-
 class ResidualCapture:
     """Hooks every decoder block and keeps a :class:`LayerStats` per block for the last forward, plus the
     statistics of the embeddings (block 0's input) in ``embedding``.
 
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
-    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA), "cuda_graph_grouped" (hooks stash
-    their states and one replay reduces K of them, :func:`group_size`: on a GPU the host's launches, not the
-    arithmetic, cost; off CUDA the same groups, reduced eagerly) or "auto" (:func:`resolve_reduction`); ``median``:
-    how its median is selected (:func:`nanmedian_rows`).
+    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto"
+    (:func:`resolve_reduction`); ``median``: how its median is selected (:func:`nanmedian_rows`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
@@ -404,14 +313,11 @@ class ResidualCapture:
         self.ctx = TokenContext(model, self.hooks)
         self.delim_index: Optional[torch.Tensor] = None
         self.plan: Optional[ReductionPlan] = None
-        self.graphed = self.grouped = False
+        self.graphed = False
         self.stats: dict[int, LayerStats] = {}
         self.embedding: Optional[LayerStats] = None
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._group: Optional[GroupedReduction] = None
-        self._slotted: list[int] = []  # the indices of the hidden states in the open group's slots, in order
         layers = adapter_for(model).layers(model)
-        self._states = len(layers) + 1  # the embeddings and every block's output
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
         for i, block in enumerate(layers):
             self.hooks.forward(block, self._make_hook(i))
@@ -437,35 +343,10 @@ class ResidualCapture:
                     self.stats[index] = stats
                 return
             masks = self.plan.on(h.device)
-            if self.grouped:
-                self._stash(index, h, masks)
-                return
             graph = (graphed_reduction(h, masks, self.abs_threshold, self.ratio, self.median)
                      if self.graphed and h.is_cuda else None)
             self._packs[index] = (graph(h, masks) if graph is not None
                                   else reduce_packed(h, masks, self.abs_threshold, self.ratio, self.median))
-
-    def _stash(self, index: int, h: torch.Tensor, masks: dict) -> None:
-        """Copy ``h`` into the open group's next slot; a full group is reduced at once."""
-        group = self._group
-        if group is not None and (group.slots[0].shape, group.slots[0].dtype, group.slots[0].device) != (
-                h.shape, h.dtype, h.device):  # a device map moved on, or another dtype: close the group
-            self._flush()
-            group = None
-        if group is None:
-            group = self._group = grouped_reduction(h, masks, group_size(h, self._states), self.abs_threshold,
-                                                    self.ratio, self.median)
-        group.slots[len(self._slotted)].copy_(h)
-        self._slotted.append(index)
-        if len(self._slotted) == len(group.slots):
-            self._flush()
-
-    def _flush(self) -> None:
-        """Reduce the open group's filled slots (the rest hold stale states: their rows are dropped)."""
-        if self._slotted:
-            floats, ints = self._group(self.plan.on(self._group.slots[0].device), len(self._slotted))
-            self._packs.update(zip(self._slotted, zip(floats, ints)))
-            self._slotted = []
 
     def _embedding_hook(self, module, args, kwargs):
         self._keep(-1, hidden_arg(args, kwargs))
@@ -490,14 +371,13 @@ class ResidualCapture:
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
         if plan is not None:
             plan.on(device)  # host-to-device copies wait for the stream: make them before the forward, not in it
-        self.plan, self.graphed, self.grouped = plan, reduction == "cuda_graph", reduction == "cuda_graph_grouped"
+        self.plan, self.graphed = plan, reduction == "cuda_graph"
         try:
             adapter_for(self.model).decoder(self.model)(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
             )
-            self._flush()  # the last, partial group
         finally:
-            self.plan, self._group, self._slotted = None, None, []
+            self.plan = None
         if plan is None:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
