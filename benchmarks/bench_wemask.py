@@ -30,6 +30,7 @@ from melayer.generation import GenerationConfig, generate_batch, resolve_engine
 from melayer.io import atomic_write_json, atomic_write_text
 from melayer.report import console_table, markdown_table, progress
 from melayer.masking import WeMaskConfig, apply_wemask, parse_layers
+from melayer.stats import paired_ratio, target_verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -132,10 +133,12 @@ def bench_batch(args, model, tokenizer, config: WeMaskConfig, batch: int, engine
     steps = bench_step(model, config, ids, mask, args.step_repeats)
     tokens = batch * outs[False].shape[1]
     off, on = statistics.median(wall[False]), statistics.median(wall[True])
+    paired, paired_ci = paired_ratio(wall[True], wall[False])
     return {
         "batch": batch, "new_tokens": int(outs[False].shape[1]), "prompt_len": int(ids.shape[1]), "engine": engine,
         "tok_per_s_without": tokens / off, "tok_per_s_with": tokens / on, "overhead": on / off,
-        "paired_overhead_median": statistics.median(b / a for a, b in zip(wall[False], wall[True])),
+        "paired_overhead_median": paired, "paired_overhead_ci95": paired_ci,
+        "target": args.target, "verdict": target_verdict(paired_ci, args.target),
         "min_overhead": min(wall[True]) / min(wall[False]),
         "cpu_overhead": statistics.median(cpu[True]) / statistics.median(cpu[False]),
         "seconds_without": wall[False], "seconds_with": wall[True],
@@ -157,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length of the random model")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per setting (interleaved; median)")
+    p.add_argument("--target", type=float, default=1.03, help="the overhead target the paired CI is judged against")
     p.add_argument("--step-repeats", type=int, default=50, help="timed single decode steps per setting")
     p.add_argument("--rate", type=float, default=0.01)
     p.add_argument("--layers", default="after_me")
@@ -196,9 +200,11 @@ def main(argv=None) -> int:
 
     rows = [bench_batch(args, model, tokenizer, config, b, e) for e in engines for b in batch_sizes]
     columns = ["batch", "new tokens", "engine", "tok/s without", "tok/s with", "overhead (x)", "paired (x)",
+               "paired 95 % CI", f"≤ {args.target:g}×",
                "best-run (x)", "CPU-time (x)", "step ms without", "step ms with", "step (x)"]
     table = [[r["batch"], r["new_tokens"], r["engine"], round(r["tok_per_s_without"], 1),
               round(r["tok_per_s_with"], 1), round(r["overhead"], 4), round(r["paired_overhead_median"], 4),
+              "{:.4f}–{:.4f}".format(*r["paired_overhead_ci95"]), r["verdict"],
               round(r["min_overhead"], 4), round(r["cpu_overhead"], 4), round(r["step_ms_without"], 3),
               round(r["step_ms_with"], 3), round(r["step_overhead"], 4)] for r in rows]
     console_table(f"WeMask overhead — {name} on {device}", columns, table)
@@ -213,7 +219,9 @@ def main(argv=None) -> int:
     section = (f"\n## {name} on {device} ({device_name}), {env['date']}\n\n```\n{command}\n```\n\n"
                f"torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}, "
                f"{env['threads']} threads; WeMask {probe!r}; {args.repeats} interleaved repeats, "
-               f"medians. Overhead = median wall time with / without; paired = median of per-repeat ratios; "
+               f"medians. Overhead = median wall time with / without; paired = median of per-repeat ratios, with its "
+               f"95 % bootstrap CI over the repeats and the verdict against the target (met: the CI at or below it; "
+               f"missed: wholly above; not shown: it straddles the target); "
                f"best-run = fastest with / fastest without; CPU-time = median process CPU seconds with / "
                f"without (less sensitive to other load on a shared CPU); step = one cached decode forward timed "
                f"alone, {args.step_repeats} interleaved repeats, medians (the hook cost without generate's "

@@ -305,6 +305,22 @@ def test_paired_bootstrap_no_effect_and_perplexity():
     assert shifted["diff"] == pytest.approx(value * (math.exp(0.1) - 1)) and shifted["ci"][0] > 0
 
 
+def test_paired_ratio_cancels_drift_and_gives_verdicts():
+    """Runs that speed up by a third as the machine warms (a drift shared by both runs of a pair) keep a paired
+    ratio of exactly 1.02 with a CI of zero width; the verdict follows the CI against the target, and a noisy
+    run whose CI straddles it is "not shown"."""
+    import numpy as np
+
+    without = np.array([3.0, 2.9, 2.5, 2.2, 2.1, 2.0, 1.9])
+    ratio, ci = stats.paired_ratio(without * 1.02, without)
+    assert ratio == pytest.approx(1.02) and ci == pytest.approx((1.02, 1.02))
+    assert stats.target_verdict(ci, 1.03) == "met" and stats.target_verdict(ci, 1.01) == "missed"
+    noisy = np.random.default_rng(0).uniform(0.8, 1.25, 7)
+    r, (lo, hi) = stats.paired_ratio(noisy, np.ones(7))
+    assert lo <= r <= hi and lo < 1.03 < hi and stats.target_verdict((lo, hi), 1.03) == "not shown"
+    assert stats.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0])[0] == 2.0  # the median of 2, 2, 3
+
+
 # -- data -------------------------------------------------------------------------------------------------------------
 
 

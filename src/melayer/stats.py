@@ -117,6 +117,27 @@ def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
     return out
 
 
+def paired_ratio(num: Sequence[float], den: Sequence[float], n_boot: int = N_BOOT, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, tuple[float, float]]:
+    """The median of the per-pair ratios num[i] / den[i] and its percentile bootstrap CI (pairs resampled).
+
+    For timings run in alternating pairs (with / without a feature): a drift that slows both runs of a pair
+    cancels in its ratio, where a ratio of the two medians keeps it.
+    """
+    r = np.asarray(num, dtype=np.float64) / np.asarray(den, dtype=np.float64)
+    if len(r) == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    vals = np.median(r[_resample_index(len(r), n_boot, seed)], axis=1)
+    return float(np.median(r)), (float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
+
+
+def target_verdict(ci: Sequence[float], target: float) -> str:
+    """An overhead CI against an upper target: "met" (the whole CI at or below it), "missed" (wholly above it) or
+    "not shown" (the CI straddles it: more repeats, not a verdict)."""
+    lo, hi = ci
+    return "met" if hi <= target else "missed" if lo > target else "not shown"
+
+
 def fmt_ci(ci: Optional[Sequence[float]]) -> str:
     if ci is None or any(v is None or v != v for v in ci):
         return "–"
