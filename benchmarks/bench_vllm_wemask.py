@@ -6,7 +6,7 @@
 Every request generates exactly ``--max-new-tokens`` (EOS ignored), so both engines do the same work whatever the
 mask changes in the text (with real EOS the masked run answers differently, and its speed says more about output
 lengths than about the mask). The prompts are the engine benchmark's (``bench_engines.py``: GSM8K, IFEval and
-XSTest, chat template). Runs alternate (unmasked, masked, unmasked, ...) after one untimed full run each, so drift in
+XSTest, chat template). Runs alternate (unmasked, masked, unmasked, ...) after ``--warmup`` untimed rounds, so drift in
 clocks or load hits both. Prints and writes (``--out``: JSON + Markdown) each engine's median wall, the median of
 the paired ratios masked / unmasked with its 95 % bootstrap CI over the pairs (a drift shared by a pair cancels),
 the verdict against ``--target`` (met, missed or not shown) and the ratio of the medians.
@@ -35,12 +35,15 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=0.05, help="WeMask rate (block ME+1)")
     p.add_argument("--me-layer", type=int, default=None, help="0-based ME block (default: found by a scan)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs per engine (alternating)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed alternating rounds first (clocks, caches settle)")
     p.add_argument("--target", type=float, default=1.03, help="the overhead target the paired CI is judged against")
     p.add_argument("--vllm-args", default="", help="extra LLM(...) arguments, key=value,... (lm-eval syntax)")
     p.add_argument("--out", default=None, help="write bench_vllm_wemask.json/.md here")
     args = p.parse_args(argv)
     if args.repeats < 2:
         p.error("--repeats must be at least 2 (the CI resamples paired runs)")
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
 
     import torch
     from vllm import LLM, SamplingParams
@@ -63,21 +66,21 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         engines[name] = LLM(**engine_kwargs(entry, base, on_gpu))
         start_s[name] = time.perf_counter() - t0
-        engines[name].generate(requests, params, use_tqdm=False)  # untimed: kernels, graphs, allocator, cache
     walls: dict[str, list[float]] = {name: [] for name in engines}
     tokens = {}
-    for _ in range(args.repeats):
+    for round_ in range(args.warmup + args.repeats):  # the warm-up rounds: kernels, graphs, allocator, clocks
         for name, llm in engines.items():
             t0 = time.perf_counter()
             done = llm.generate(requests, params, use_tqdm=False)
-            walls[name].append(time.perf_counter() - t0)
+            if round_ >= args.warmup:
+                walls[name].append(time.perf_counter() - t0)
             tokens[name] = sum(len(d.outputs[0].token_ids) for d in done)
     med = {name: statistics.median(w) for name, w in walls.items()}
     ratio = med["wemask"] / med["unmasked"]
     paired, (lo, hi) = paired_ratio(walls["wemask"], walls["unmasked"])
     verdict = target_verdict((lo, hi), args.target)
     result = {"model": args.model, "dtype": base["dtype"], "items": len(prompts), "tasks": list(TASKS),
-              "max_new_tokens": args.max_new_tokens, "ignore_eos": True, "repeats": args.repeats,
+              "max_new_tokens": args.max_new_tokens, "ignore_eos": True, "repeats": args.repeats, "warmup": args.warmup,
               "wemask": {"rate": wemask.rate, "layers": wemask.layers, "me_layer": wemask.me_layer},
               "engine_args": {k: v for k, v in base.items() if k != "model"}, "start_s": start_s, "walls_s": walls,
               "median_wall_s": med, "tokens": tokens, "tokens_per_s": {n: tokens[n] / med[n] for n in med},

@@ -12,10 +12,11 @@
 # rates_smollm2_rest2_* and rates_qwen25coder_rest2_*, task by task (`qwen25coder_rest wikitext2` runs one part,
 # `qwen25coder_rest "wikitext2 mmlutext"` two: parts can run as parallel jobs), each the coarser GRID first, then
 # the other rates of the full grid (a run resumes from its logged answers: the second pass only answers the new
-# conditions).
+# conditions). qwen25coder_gsm8k_full: the one GSM8K curve that moved (Qwen, paper protocol, 5 % -> 0 from rate 0.01 at
+# from_after_me on 100 problems) on all 1,319 problems, at rates 0, 0.01, 0.1 and 1, both layer sets.
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
-job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest [PARTS]|qwen25coder_rest [PARTS]|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest [PARTS]|qwen25coder_rest [PARTS]|qwen25coder_gsm8k_full|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
 DATA_DIR=${DATA_DIR:-.carry/data}
 SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
@@ -63,6 +64,7 @@ qwen25coder_rest) for part in ${2:-gsm8k wikitext2 mmlutext mmlu_paper}; do for 
       rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper 0,0.05,0.1,0.25,0.5,0.75,1 from_after_me 64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac; done; done ;;
+qwen25coder_gsm8k_full) rates "$QWEN_GGUF" qwen25coder_gsm8k_full melayer_gsm8k all paper 0,0.01,0.1,1 ;;
 bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
               --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
 confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
