@@ -168,6 +168,11 @@ def test_score_only_rescores_a_part_and_skips_unfinished_conditions(sweep, tmp_p
             if r["task"] == "melayer_mmlu" and r["cond"] != dropped}
     assert got == want and want
     assert not (out / "lm_eval" / "0.1_paper_after_me").exists()  # nothing half-written for the skipped one
+    assert again.not_scored == [f"melayer_mmlu @ {dropped}"]  # the report names what it left out
+    assert "**Not scored** (no logged answers" in (out / "report.md").read_text() and dropped in \
+        (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["not_scored"] == again.not_scored
+    assert summary.not_scored == [] and "Not scored" not in (src / "report.md").read_text()
 
 
 def test_checks_come_before_any_work(tiny, data_dir, tmp_path):

@@ -292,6 +292,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
     else:
         plan = _plan(cfg, settings, None)
     lm.log = ResponseLog(out / RESPONSES_NAME)
+    not_scored = []
     for cond, chat, tasks, wemask in plan:
         if cfg.score_only:
             lm.cond = cond.key
@@ -302,6 +303,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
             _evaluate(lm, tm, cfg, tasks, chat, cond, subset, out)
         except MissingAnswers as e:  # an interrupted sweep: what finished is still scored
             say(f"skipped {', '.join(tasks)} @ {cond.key}: {e}")
+            not_scored.append(f"{', '.join(tasks)} @ {cond.key}")
     if not cfg.score_only:
         lm.set_condition(None)
         if cfg.engine == "vllm":  # no HF model to describe: vLLM's model info instead
@@ -310,7 +312,7 @@ def run_eval(cfg: EvalConfig, progress_bar: bool = True) -> "EvalSummary":
         else:
             write_record(out, lm.model, data.files_read())
     return summarise_folder(out, cfg, deviations(cfg.protocol, cfg.tasks, cfg.chat, cfg.wemask_layers,
-                                                  cfg.wemask_modes, cfg.dtype))
+                                                  cfg.wemask_modes, cfg.dtype), not_scored)
 
 
 def _language_model(cfg: EvalConfig, out: Path, tokenizer_from: Optional[str] = None):

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .. import stats
 from ..errors import MelayerError
@@ -184,6 +184,9 @@ def markdown(summary: dict) -> str:
              f"{'sampling' if cfg['sample'] else 'greedy'}."
              + (f" **Shard {cfg['shard_index']} of {cfg['num_shards']}** (0-based): every {cfg['num_shards']}-th "
                 "document only; `melayer eval --merge` scores the whole sweep." if cfg.get("num_shards", 1) > 1 else ""),
+             *([] if not summary.get("not_scored") else [
+                 "", "**Not scored** (no logged answers: the run stopped before them; the same command resumes): "
+                 + "; ".join(summary["not_scored"]) + "."]),
              "",
              "95% CIs: Wilson for 0/1 items, document bootstrap otherwise. Δ is the paired difference against rate 0 "
              "on the same documents (bootstrap CI); McNemar is exact on the discordant pairs. Holm p: the McNemar p "
@@ -243,6 +246,7 @@ class EvalSummary:
     tasks: list[str]
     conditions: list[str]
     results: list[dict]  # one row per (task, metric, condition); see CSV_COLUMNS
+    not_scored: list[str] = dataclasses.field(default_factory=list)  # "tasks @ condition" with no logged answers
 
     def to_pandas(self):
         """One row per task, metric and condition (the columns of ``summary.csv``)."""
@@ -256,8 +260,9 @@ class EvalSummary:
                             figures={"score_vs_rate": figure(self.results)})
 
 
-def summarise_folder(out: Path, cfg, deviations: list[str]) -> EvalSummary:
-    """Pair, test and write the report of an eval out dir (every task and condition it holds)."""
+def summarise_folder(out: Path, cfg, deviations: list[str], not_scored: Sequence[str] = ()) -> EvalSummary:
+    """Pair, test and write the report of an eval out dir (every task and condition it holds); ``not_scored``:
+    the requested "tasks @ condition" that have no answers yet, named in the report."""
     conds, samples, results = load_folder(out)
     if not samples:
         raise MelayerError(f"{out} holds no lm-eval samples to summarise")
@@ -271,7 +276,7 @@ def summarise_folder(out: Path, cfg, deviations: list[str]) -> EvalSummary:
                           tasks=sorted({r["task"] for r in rows}),
                           conditions=[c for c in sorted(conds, key=lambda k: (conds[k]["rate"], k))
                                       if any(r["cond"] == c for r in rows)],
-                          results=rows)
+                          results=rows, not_scored=list(not_scored))
     summary.save(out)
     console_table(f"melayer eval ({out})", TABLE_COLUMNS, _table_rows(rows))
     return summary
