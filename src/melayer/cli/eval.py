@@ -66,7 +66,7 @@ def register(sub) -> None:
     p.add_argument("--score-only", action="store_true",
                    help="rescore an existing --out from its logged answers (no model is loaded): its last command's "
                         "sweep, or the part --tasks, --wemask-rates, --wemask-layers, --limit name; unfinished "
-                        "conditions are skipped")
+                        "conditions are skipped and named in the report")
     g = p.add_argument_group("data parallel (one sweep over several processes, GPUs or nodes)")
     g.add_argument("--shard", default=None, metavar="I/N",
                    help="evaluate shard I (0-based) of N: every N-th document of each task, in its own --out")
