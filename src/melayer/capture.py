@@ -104,9 +104,8 @@ MEDIANS = ("auto", "select", "sort")
 def nanmedian_rows(flat: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """``torch.nanmedian(flat, dim=1).values`` for rows of non-negative values (|h|, pads as NaN), by ``method``:
     "select" (:func:`nanmedian_by_bracket`, row by row) or "sort" (:func:`nanmedian_by_sort`), the same
-    element. "auto": select on a CPU (~3x faster than
-    ``nanmedian``); sort on CUDA, where ``nanmedian`` selects with one thread block per row (milliseconds for a
-    million values) and a sort uses the whole GPU."""
+    element. "auto": select on a CPU (~3x faster than ``nanmedian``); sort on CUDA, where ``nanmedian`` selects
+    with one thread block per row (milliseconds for a million values) and a sort uses the whole GPU."""
     if method == "auto":
         method = "sort" if flat.is_cuda else "select"
     if method == "select":
@@ -219,65 +218,40 @@ def reduce_packed(h: torch.Tensor, masks: dict, abs_threshold: float = 100.0, ra
     return floats, ints
 
 
-def _record(fn, device: torch.device) -> tuple["torch.cuda.CUDAGraph", list[torch.Tensor]]:
-    """``fn`` (returning tensors) captured as a CUDA graph, and its outputs, which every replay overwrites."""
-    from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    outputs = []
-    _capture(graph, side, lambda: outputs.extend(fn()))
-    return graph, outputs
-
-
 class GraphedReduction:
     """:func:`reduce_packed` for one input shape and mask layout, captured as a CUDA graph: one launch replays
     its ~30 kernels. The graph reads its own copies of the input and the masks, refreshed before a replay."""
 
     def __init__(self, h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float, median: str):
+        from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
+
         self.input = h.clone()
         self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
         self.masks_of = masks
-        self.graph, self.outputs = _record(
-            lambda: reduce_packed(self.input, self.masks, abs_threshold, ratio, median), h.device)
+        side = torch.cuda.Stream(h.device)
+        side.wait_stream(torch.cuda.current_stream(h.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
+            reduce_packed(self.input, self.masks, abs_threshold, ratio, median)
+        torch.cuda.current_stream(h.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        outputs = []
+        _capture(self.graph, side,
+                 lambda: outputs.extend(reduce_packed(self.input, self.masks, abs_threshold, ratio, median)))
+        self.outputs = outputs
 
     def __call__(self, h: torch.Tensor, masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        _refresh(self, masks)
+        if masks is not self.masks_of:  # a new forward's plan
+            for k, m in masks.items():
+                if m is not None:
+                    self.masks[k].copy_(m)
+            self.masks_of = masks
         self.input.copy_(h)
         self.graph.replay()
         return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites the outputs
 
 
-def _refresh(graphed, masks: dict) -> None:
-    """Copy a new forward's plan ``masks`` into the ones a captured graph reads."""
-    if masks is not graphed.masks_of:
-        for k, m in masks.items():
-            if m is not None:
-                graphed.masks[k].copy_(m)
-        graphed.masks_of = masks
-
-
 _GRAPHS: "OrderedDict[tuple, Optional[GraphedReduction]]" = OrderedDict()
 GRAPHS_KEPT = 2  # each holds its intermediates' memory; a scan's batches mostly differ in width anyway
-
-
-def _cached_graph(cache: OrderedDict, key: tuple, device: torch.device, build):
-    """``build()`` once per key, None where the capture failed (the caller reduces eagerly: same values)."""
-    if key not in cache:
-        try:
-            with torch.cuda.device(device):
-                cache[key] = build()
-        except RuntimeError as err:
-            warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=3)
-            cache[key] = None
-        while len(cache) > GRAPHS_KEPT:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return cache[key]
 
 
 def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float,
@@ -285,8 +259,17 @@ def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio:
     """The captured reduction for ``h``'s shape and the mask layout, shared by every capture (a scan makes one
     per run); None where the capture failed, and the caller reduces eagerly (same values)."""
     key = (tuple(h.shape), h.dtype, h.device, abs_threshold, ratio, median, tuple(m is None for m in masks.values()))
-    return _cached_graph(_GRAPHS, key, h.device,
-                         lambda: GraphedReduction(h, masks, abs_threshold, ratio, median))
+    if key not in _GRAPHS:
+        try:
+            with torch.cuda.device(h.device):
+                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median)
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=2)
+            _GRAPHS[key] = None
+        while len(_GRAPHS) > GRAPHS_KEPT:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return _GRAPHS[key]
 
 
 class ResidualCapture:
