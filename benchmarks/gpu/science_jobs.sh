@@ -13,10 +13,12 @@
 # `qwen25coder_rest "wikitext2 mmlutext"` two: parts can run as parallel jobs), each the coarser GRID first, then
 # the other rates of the full grid (a run resumes from its logged answers: the second pass only answers the new
 # conditions). qwen25coder_gsm8k_full: the one GSM8K curve that moved (Qwen, paper protocol, 5 % -> 0 from rate 0.01 at
-# from_after_me on 100 problems) on all 1,319 problems, at rates 0, 0.01, 0.1 and 1, both layer sets.
+# from_after_me on 100 problems) on all 1,319 problems, at rates 0, 0.01, 0.1 and 1, both layer sets; as N shards
+# that can run in parallel (`qwen25coder_gsm8k_full 0/4` ... `3/4`, each into ..._paper_shardI), then
+# `qwen25coder_gsm8k_full merge 4` joins them into rates_qwen25coder_gsm8k_full_paper and scores the whole run.
 # SMOL_GGUF / QWEN_GGUF: the models (default: the files setup.sh reassembled); DATA_DIR: the task files.
 set -u
-job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest [PARTS]|qwen25coder_rest [PARTS]|qwen25coder_gsm8k_full|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
+job=${1:?usage: science_jobs.sh smollm2|qwen25coder|smollm2_rest [PARTS]|qwen25coder_rest [PARTS]|qwen25coder_gsm8k_full [I/N|merge N]|bench_scan|confirm_overrefusal|confirm_mmlu|confirm_overrefusal_rate01}
 DATA_DIR=${DATA_DIR:-.carry/data}
 SMOL_GGUF=${SMOL_GGUF:-${MODEL_DIR:-.carry/model}/SmolLM2-135M-Instruct.Q4_1.gguf}
 QWEN_GGUF=${QWEN_GGUF:-${MODEL_DIR:-.carry/model}/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf}
@@ -25,14 +27,15 @@ RATES=0,0.005,0.01,0.02,0.05,0.1,0.25,0.5,0.75,1
 GRID=0,0.01,0.1,0.25,0.5,1  # the coarser grid of the *_rest jobs: every layer set within one GPU session
 run() { echo "== $(date +%T) melayer $*"; python3 -m melayer.cli "$@"; local rc=$?; echo "== $(date +%T) rc=$rc"; }
 
-rates() {  # rates MODEL NAME TASK LIMIT PROTOCOLS [RATES] [LAYER_SETS] [BATCH]: one task's rate curve
+rates() {  # rates MODEL NAME TASK LIMIT PROTOCOLS [RATES] [LAYER_SETS] [BATCH] [SHARD I/N]: one task's rate curve
   local model=$1 name=$2 task=$3 limit=$4 protocols=$5 rates=${6:-$RATES} layers=${7:-after_me from_after_me}
-  local batch=${8:-128} extra=()
+  local batch=${8:-128} shard=${9:-} suffix="" extra=()
   [ "$limit" = all ] || extra=(--limit "$limit")
+  [ -z "$shard" ] || { extra+=(--shard "$shard"); suffix=_shard${shard%/*}; }
   for protocol in $protocols; do
     run eval "$model" --protocol "$protocol" --tasks "$task" "${extra[@]}" --wemask-rates "$rates" \
       --wemask-layers $layers --data-dir "$DATA_DIR" --batch-size "$batch" \
-      --out "$OUT/rates_${name}_${protocol}"
+      --out "$OUT/rates_${name}_${protocol}$suffix"
   done
 }
 
@@ -64,7 +67,13 @@ qwen25coder_rest) for part in ${2:-gsm8k wikitext2 mmlutext mmlu_paper}; do for 
       rates "$QWEN_GGUF" qwen25coder_rest2 melayer_mmlu 500 paper 0,0.05,0.1,0.25,0.5,0.75,1 from_after_me 64 ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac; done; done ;;
-qwen25coder_gsm8k_full) rates "$QWEN_GGUF" qwen25coder_gsm8k_full melayer_gsm8k all paper 0,0.01,0.1,1 ;;
+qwen25coder_gsm8k_full) full=$OUT/rates_qwen25coder_gsm8k_full_paper
+  if [ "${2:-}" = merge ]; then
+    run eval --merge $(for i in $(seq 0 $(( ${3:?merge N} - 1 ))); do echo "${full}_shard$i"; done) --out "$full" \
+      --data-dir "$DATA_DIR"
+  else
+    rates "$QWEN_GGUF" qwen25coder_gsm8k_full melayer_gsm8k all paper 0,0.01,0.1,1 "after_me from_after_me" 128 "${2:-}"
+  fi ;;
 bench_scan) mkdir -p "$OUT/bench"; python3 benchmarks/bench_scan.py --model "$SMOL_GGUF" --device cuda --tokens 2048 --repeats 5 \
               --out "$OUT/bench/bench_scan_gpu.json" --profile ;;
 confirm_overrefusal) run eval "$QWEN_GGUF" --protocol clean --tasks melayer_xstest,melayer_harmless --limit 2000 \
