@@ -317,6 +317,17 @@ def test_shards_in_two_processes_merge_into_the_unsharded_sweep(sweep, tiny, dat
         merge_shards([shards[0], other], tmp_path / "m2")
     with pytest.raises(MelayerError, match="already holds responses.jsonl"):
         merge_shards(shards, tmp_path / "merged")
+    # shards answered on another machine: their model path is gone here; the model is given, or nothing is written
+    moved = [tmp_path / f"moved{i}" for i in range(2)]
+    for src, dst in zip(shards, moved):
+        shutil.copytree(src, dst)
+        saved = json.loads((dst / "eval_config.json").read_text())
+        (dst / "eval_config.json").write_text(json.dumps({**saved, "model": str(tmp_path / "gone")}))
+    with pytest.raises(MelayerError, match="--merge needs the tokenizer of the model that answered"):
+        merge_shards(moved, tmp_path / "m3")
+    assert not (tmp_path / "m3").exists()
+    again = merge_shards(moved, tmp_path / "m3", model=str(tiny))
+    assert {(r["task"], r["metric"], r["cond"]): r["value"] for r in again.results} == scores
     assert parse_shard("1/2") == (1, 2)
     for bad in ("2/2", "a/b", "1"):
         with pytest.raises(MelayerError, match="--shard must be I/N"):

@@ -72,7 +72,7 @@ def register(sub) -> None:
                    help="evaluate shard I (0-based) of N: every N-th document of each task, in its own --out")
     g.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                    help="join the folders of shards 0..N-1 of one sweep into --out and score the whole sweep (no "
-                        "model is loaded)")
+                        "model is loaded, only its tokenizer: give the model where the shards ran on another machine)")
     p.set_defaults(handler=run)
 
 
@@ -111,9 +111,10 @@ def parse_vllm_args(text) -> dict:
 def run(args) -> int:
     if args.merge:
         if args.shard or args.score_only:
-            raise MelayerError("--merge takes the shard folders and --out only (not --shard or --score-only)")
+            raise MelayerError("--merge takes the shard folders, --out and optionally the model (not --shard or "
+                              "--score-only)")
         check_out_dir(args.out)
-        merge_shards(args.merge, args.out, args.data_dir)
+        merge_shards(args.merge, args.out, args.data_dir, model=None if args.model == "default" else args.model)
         print(f"report: {args.out}/report.md (merged from {len(args.merge)} shards)")
         return 0
     cfg = config_from_args(args)

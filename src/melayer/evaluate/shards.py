@@ -58,8 +58,14 @@ def _shard_configs(folders: Sequence[Path]) -> list[EvalConfig]:
 
 
 def merge_shards(folders: Sequence[str | Path], out: str | Path, data_dir: str | None = None,
-                 progress_bar: bool = True) -> "EvalSummary":
-    """Join the answer logs of a sharded sweep into ``out`` and score the whole sweep from them (no model)."""
+                 model: str | None = None, progress_bar: bool = True) -> "EvalSummary":
+    """Join the answer logs of a sharded sweep into ``out`` and score the whole sweep from them (no model).
+
+    Scoring needs the answering model's tokenizer (it builds the prompts that key the answers): the shards'
+    saved model, or ``model`` where the shards ran on another machine. It is found before anything is written.
+    """
+    from ..load import local_location
+
     folders = [Path(f) for f in folders]
     out = Path(out)
     if not folders:
@@ -67,6 +73,11 @@ def merge_shards(folders: Sequence[str | Path], out: str | Path, data_dir: str |
     if (out / RESPONSES_NAME).exists():
         raise MelayerError(f"--merge: {out} already holds {RESPONSES_NAME}; merge into a new folder")
     configs = _shard_configs(folders)
+    try:
+        local_location(model or configs[0].model)
+    except MelayerError as e:
+        raise MelayerError(f"--merge needs the tokenizer of the model that answered: {e}; pass that model (or a "
+                           "copy of it) as the model argument") from None
     rows: dict[tuple[str, str], dict] = {}
     for folder in folders:
         for row in JsonlLog(folder / RESPONSES_NAME, required=("cond", "key", "response")).read():
@@ -90,5 +101,5 @@ def merge_shards(folders: Sequence[str | Path], out: str | Path, data_dir: str |
     partial.unlink(missing_ok=True)
     JsonlLog(partial).extend(rows.values())
     partial.replace(out / RESPONSES_NAME)  # whole or absent: a merge cut short is simply run again
-    return run_eval(EvalConfig(out=str(out), tasks=None, score_only=True, data_dir=merged.data_dir),
-                    progress_bar=progress_bar)
+    return run_eval(EvalConfig(model=model or EvalConfig.model, out=str(out), tasks=None, score_only=True,
+                               data_dir=merged.data_dir), progress_bar=progress_bar)
