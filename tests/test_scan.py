@@ -228,6 +228,39 @@ def test_capture_reductions_give_identical_stats(device):
         assert sum(int(s.massive_count.sum()) for s in runs["reference"]) > 0
 
 
+def test_graphed_rows_in_order_across_forwards(monkeypatch):
+    """The graphed reduction's bookkeeping, run on the CPU with the graph replaced by its function: every block's
+    pack lands in its own row, in forward order, and a second forward (other delimiters) restarts at row 0, so
+    both forwards give the reference statistics; one graph serves the embeddings and every block."""
+    from types import SimpleNamespace
+
+    from helpers import left_padded, make_tiny
+
+    replays = []
+
+    def run_as_graph(fn, device):
+        fn()  # the warm-up, as on a GPU: it writes row 0, which the restart must discard
+        return SimpleNamespace(replay=lambda: (replays.append(1), fn()))
+
+    monkeypatch.setattr(capture, "_record", run_as_graph)
+    monkeypatch.setattr(capture, "_graphable", lambda h: True)
+    monkeypatch.setattr(capture, "_GRAPHS", capture.OrderedDict())
+    model = make_tiny("llama")
+    ids, mask = left_padded([9, 6, 3], seed=1)
+    with ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction="cuda_graph") as graphed, \
+            ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction="reference") as reference:
+        for forward, delim in enumerate((torch.tensor([4, -1, 8]), torch.tensor([5, 7, -1])), start=1):
+            layers = graphed.run(ids, mask, delim)
+            got = [graphed.embedding, *layers]
+            layers = reference.run(ids, mask, delim)
+            want = [reference.embedding, *layers]
+            assert len(capture._GRAPHS) == 1 and next(iter(capture._GRAPHS.values())).used == len(want) == 5
+            assert len(replays) == 5 * forward  # every state of both forwards went through the graph
+            for g, w in zip(got, want):
+                _assert_identical(g, w)
+            assert all(not torch.equal(a.first, b.first) for a, b in zip(want, want[1:]))  # rows out of order show
+
+
 def test_non_finite_values_are_counted_and_json_stays_strict(tmp_path):
     from melayer.io import atomic_write_json
 

@@ -14,6 +14,7 @@ and the hooks' launches, not their arithmetic, are the cost.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -218,28 +219,52 @@ def reduce_packed(h: torch.Tensor, masks: dict, abs_threshold: float = 100.0, ra
     return floats, ints
 
 
+def _record(fn, device: torch.device):
+    """``fn`` captured as a CUDA graph on ``device`` (warmed up on a side stream first: lazy initialisation,
+    workspaces); the graph's ``replay()`` runs it again. Tests swap this for ``fn`` itself to run on the CPU."""
+    from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    _capture(graph, side, fn)
+    return graph
+
+
 class GraphedReduction:
     """:func:`reduce_packed` for one input shape and mask layout, captured as a CUDA graph: one launch replays
-    its ~30 kernels. The graph reads its own copies of the input and the masks, refreshed before a replay."""
+    its ~30 kernels. The graph reads its own copies of the input and the masks, refreshed before a replay, and
+    writes its packs into the next of ``rows`` rows of two stacks, advancing a row counter kept on the device:
+    a block's host work is one copy and one replay, with no allocation and no copy out per block."""
 
-    def __init__(self, h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float, median: str):
-        from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
-
+    def __init__(self, h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float, median: str, rows: int):
         self.input = h.clone()
         self.masks = {k: None if m is None else m.clone() for k, m in masks.items()}
         self.masks_of = masks
-        side = torch.cuda.Stream(h.device)
-        side.wait_stream(torch.cuda.current_stream(h.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, workspaces
-            reduce_packed(self.input, self.masks, abs_threshold, ratio, median)
-        torch.cuda.current_stream(h.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        outputs = []
-        _capture(self.graph, side,
-                 lambda: outputs.extend(reduce_packed(self.input, self.masks, abs_threshold, ratio, median)))
-        self.outputs = outputs
+        floats, ints = reduce_packed(self.input, self.masks, abs_threshold, ratio, median)  # the packs' shapes
+        self.floats = floats.new_zeros((rows, *floats.shape))
+        self.ints = ints.new_zeros((rows, *ints.shape))
+        self.rows, self.used = rows, 0
+        self.row = torch.zeros(1, dtype=torch.long, device=h.device)
 
-    def __call__(self, h: torch.Tensor, masks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        def reduce_into_next_row():
+            f, i = reduce_packed(self.input, self.masks, abs_threshold, ratio, median)
+            self.floats.index_copy_(0, self.row, f[None])
+            self.ints.index_copy_(0, self.row, i[None])
+            self.row.add_(1)
+
+        self.graph = _record(reduce_into_next_row, h.device)
+
+    def restart(self) -> None:
+        """Back to row 0: once per forward, before its first replay."""
+        self.row.zero_()
+        self.used = 0
+
+    def __call__(self, h: torch.Tensor, masks: dict) -> int:
+        """Reduce ``h`` into the next row; returns that row's index."""
         if masks is not self.masks_of:  # a new forward's plan
             for k, m in masks.items():
                 if m is not None:
@@ -247,22 +272,25 @@ class GraphedReduction:
             self.masks_of = masks
         self.input.copy_(h)
         self.graph.replay()
-        return self.outputs[0].clone(), self.outputs[1].clone()  # the next replay overwrites the outputs
+        self.used += 1
+        return self.used - 1
 
 
 _GRAPHS: "OrderedDict[tuple, Optional[GraphedReduction]]" = OrderedDict()
 GRAPHS_KEPT = 2  # each holds its intermediates' memory; a scan's batches mostly differ in width anyway
 
 
-def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float,
-                      median: str = "auto") -> Optional[GraphedReduction]:
-    """The captured reduction for ``h``'s shape and the mask layout, shared by every capture (a scan makes one
-    per run); None where the capture failed, and the caller reduces eagerly (same values)."""
-    key = (tuple(h.shape), h.dtype, h.device, abs_threshold, ratio, median, tuple(m is None for m in masks.values()))
+def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio: float, median: str = "auto",
+                      rows: int = 1) -> Optional[GraphedReduction]:
+    """The captured reduction for ``h``'s shape and the mask layout, with ``rows`` output rows, shared by every
+    capture (a scan makes one per run); None where the capture failed, and the caller reduces eagerly (same
+    values)."""
+    key = (tuple(h.shape), h.dtype, h.device, abs_threshold, ratio, median, rows,
+           tuple(m is None for m in masks.values()))
     if key not in _GRAPHS:
         try:
-            with torch.cuda.device(h.device):
-                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median)
+            with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
+                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median, rows)
         except RuntimeError as err:
             warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=2)
             _GRAPHS[key] = None
@@ -270,6 +298,10 @@ def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio:
             _GRAPHS.popitem(last=False)
     _GRAPHS.move_to_end(key)
     return _GRAPHS[key]
+
+
+def _graphable(h: torch.Tensor) -> bool:
+    return h.is_cuda
 
 
 class ResidualCapture:
@@ -300,7 +332,10 @@ class ResidualCapture:
         self.stats: dict[int, LayerStats] = {}
         self.embedding: Optional[LayerStats] = None
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows: dict[int, tuple[GraphedReduction, int]] = {}  # index -> (graph, its output row)
+        self._graph: Optional[tuple[tuple, Optional[GraphedReduction]]] = None  # the last (shape key, graph)
         layers = adapter_for(model).layers(model)
+        self._states = len(layers) + 1  # the embeddings and every block's output
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
         for i, block in enumerate(layers):
             self.hooks.forward(block, self._make_hook(i))
@@ -326,10 +361,22 @@ class ResidualCapture:
                     self.stats[index] = stats
                 return
             masks = self.plan.on(h.device)
-            graph = (graphed_reduction(h, masks, self.abs_threshold, self.ratio, self.median)
-                     if self.graphed and h.is_cuda else None)
-            self._packs[index] = (graph(h, masks) if graph is not None
-                                  else reduce_packed(h, masks, self.abs_threshold, self.ratio, self.median))
+            graph = self._graph_for(h, masks) if self.graphed and _graphable(h) else None
+            if graph is not None and graph.used < graph.rows:
+                self._rows[index] = (graph, graph(h, masks))
+            else:
+                self._packs[index] = reduce_packed(h, masks, self.abs_threshold, self.ratio, self.median)
+
+    def _graph_for(self, h: torch.Tensor, masks: dict) -> Optional[GraphedReduction]:
+        """The graph for ``h`` (every block of a model on one device shares one), restarted at its first use in
+        this forward; the last one is remembered, so a block costs no cache lookup."""
+        key = (h.shape, h.dtype, h.device)
+        if self._graph is None or self._graph[0] != key:
+            graph = graphed_reduction(h, masks, self.abs_threshold, self.ratio, self.median, self._states)
+            if graph is not None and all(g is not graph for g, _ in self._rows.values()):
+                graph.restart()
+            self._graph = (key, graph)
+        return self._graph[1]
 
     def _embedding_hook(self, module, args, kwargs):
         self._keep(-1, hidden_arg(args, kwargs))
@@ -349,7 +396,7 @@ class ResidualCapture:
         """
         device = device_of(self.model)
         reduction = resolve_reduction(self.reduction)
-        self.stats, self.embedding, self._packs = {}, None, {}
+        self.stats, self.embedding, self._packs, self._rows, self._graph = {}, None, {}, {}, None
         self.delim_index = delim_index
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
         if plan is not None:
@@ -364,12 +411,17 @@ class ResidualCapture:
         if plan is None:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
-        packs = [self._packs[i] for i in sorted(self._packs)]  # the embeddings (-1) first
-        self._packs = {}
+        packs = [self._packs[i] if i in self._packs else self._pack_row(i)
+                 for i in sorted([*self._packs, *self._rows])]  # the embeddings (-1) first
+        self._packs, self._rows = {}, {}
         floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
         self.embedding, *layers = plan.unpack(floats, ints)
         self.stats = dict(enumerate(layers))
         return layers
+
+    def _pack_row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        graph, row = self._rows[index]
+        return graph.floats[row], graph.ints[row]
 
     def remove(self) -> None:
         self.hooks.remove()
