@@ -411,10 +411,15 @@ class ResidualCapture:
         if plan is None:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
-        packs = [self._packs[i] if i in self._packs else self._pack_row(i)
-                 for i in sorted([*self._packs, *self._rows])]  # the embeddings (-1) first
+        rows = [self._rows[i] for i in sorted(self._rows)]  # the embeddings (-1) first
+        if rows and not self._packs and all(g is rows[0][0] and r == k for k, (g, r) in enumerate(rows)):
+            graph = rows[0][0]  # every state in one graph's rows, in order: already stacked
+            floats, ints = graph.floats[:len(rows)].cpu(), graph.ints[:len(rows)].cpu()
+        else:
+            packs = [self._packs[i] if i in self._packs else self._pack_row(i)
+                     for i in sorted([*self._packs, *self._rows])]
+            floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
         self._packs, self._rows = {}, {}
-        floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
         self.embedding, *layers = plan.unpack(floats, ints)
         self.stats = dict(enumerate(layers))
         return layers
