@@ -5,8 +5,9 @@
 
 Time: a plain forward, the capture forward as shipped (``reduction="auto"``) and the capture with each other
 reduction of ``ResidualCapture`` (``REDUCTION[:MEDIAN]``: with another median selection) alternate on the same
-input; medians are compared (target ≤ 1.10×), and each variant's statistics are checked against the reference
-reduction's (they must be identical). The table of
+input, the order reversed every other repeat; each is compared with the plain forward of its repeat (the median
+of the per-repeat ratios, its 95 % bootstrap CI and the verdict against ``--target``, 1.10×) and by medians, and
+each variant's statistics are checked against the reference reduction's (they must be identical). The table of
 ratios is printed last. Memory: each approach runs in a fresh subprocess; peak RSS (CPU) or peak CUDA memory
 above the loaded model is compared: capture keeps O(layers × dims), output_hidden_states keeps every hidden state.
 """
@@ -128,6 +129,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs/results/bench_scan.json"))
     p.add_argument("--memory-child", choices=["capture", "hidden_states"])
     p.add_argument("--profile", action="store_true", help="also print the ops that cost the capture most (profiler)")
+    p.add_argument("--target", type=float, default=1.10, help="the capture / plain target the paired CI is judged "
+                                                              "against")
     args = p.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
@@ -135,6 +138,7 @@ def main() -> None:
     from melayer import load_model
     from melayer.capture import MEDIANS, REDUCTIONS, ResidualCapture, resolve_reduction
     from melayer.report import console_table
+    from melayer.stats import paired_ratio, target_verdict
 
     gpu_variants = ",cuda_graph" if args.device == "cuda" else ""
     variants = (args.variants or "reference,eager" + gpu_variants).split(",")
@@ -184,8 +188,9 @@ def main() -> None:
                     del runs[name]
             notes[name] = "; ".join([str(w.message) for w in caught] + failure)
         times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, fn in runs.items():
+        for rep in range(args.repeats):
+            order = list(runs.items())
+            for name, fn in order[::-1] if rep % 2 else order:  # no variant always runs first
                 sync()
                 t = time.perf_counter()
                 outputs[name] = fn()  # the last repeat's statistics are compared below
@@ -207,6 +212,9 @@ def main() -> None:
     for name in ["plain", "capture", *variants]:
         row = {"reduction": {"plain": None, "capture": shipped}.get(name, name), "forward_s": med.get(name),
                "ratio": med[name] / med["plain"] if name in med else None, "note": notes.get(name, "")}
+        if name in times and name != "plain":  # each repeat times plain and this variant back to back: a pair
+            row["paired_ratio"], row["paired_ci"] = paired_ratio(times[name], times["plain"])
+            row["verdict"] = target_verdict(row["paired_ci"], args.target)
         if outputs.get(name) is not None and reference is not None:
             row["differing_fields"] = differing_fields(outputs[name], reference)
         table[name] = row
@@ -214,7 +222,9 @@ def main() -> None:
         "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_first_s": first_load, "load_second_s": second_load,
         "forward_plain_s": med["plain"], "forward_capture_s": med["capture"], "reduction": shipped,
-        "time_ratio": med["capture"] / med["plain"], "variants": table,
+        "time_ratio": med["capture"] / med["plain"], "paired_ratio": table["capture"]["paired_ratio"],
+        "paired_ci": table["capture"]["paired_ci"], "target": args.target, "verdict": table["capture"]["verdict"],
+        "times_s": times, "variants": table,
         "peak_capture_mb": mem["capture"] / 2**20, "peak_hidden_states_mb": mem["hidden_states"] / 2**20,
         "memory_ratio": mem["hidden_states"] / max(mem["capture"], 1),
     }
@@ -230,11 +240,15 @@ def main() -> None:
     for name, row in table.items():
         same = "" if "differing_fields" not in row else (
             "yes" if not row["differing_fields"] else "NO: " + ", ".join(row["differing_fields"]))
+        ci = row.get("paired_ci")
         rows.append([f"capture ({shipped})" if name == "capture" else name,
-                     "failed" if row["forward_s"] is None else row["forward_s"], row["ratio"], same])
+                     "failed" if row["forward_s"] is None else row["forward_s"], row["ratio"],
+                     row.get("paired_ratio", ""), f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "", row.get("verdict", ""),
+                     same])
     console_table(f"forward of {args.tokens} tokens on {args.device}, median of {args.repeats} (target: capture "
-                  "≤ 1.10× plain; 'same stats': identical to the reference reduction)",
-                  ["variant", "seconds", "× plain", "same stats"], rows)
+                  f"≤ {args.target}× plain; paired: median of the per-repeat ratios, 95 % bootstrap CI; 'same "
+                  "stats': identical to the reference reduction)",
+                  ["variant", "seconds", "× plain", "paired ×", "paired CI", f"≤ {args.target}×", "same stats"], rows)
 
 if __name__ == "__main__":
     main()

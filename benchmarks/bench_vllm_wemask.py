@@ -6,8 +6,9 @@
 Every request generates exactly ``--max-new-tokens`` (EOS ignored), so both engines do the same work whatever the
 mask changes in the text (with real EOS the masked run answers differently, and its speed says more about output
 lengths than about the mask). The prompts are the engine benchmark's (``bench_engines.py``: GSM8K, IFEval and
-XSTest, chat template). Runs alternate (unmasked, masked, unmasked, ...) after ``--warmup`` untimed rounds, so drift in
-clocks or load hits both. Prints and writes (``--out``: JSON + Markdown) each engine's median wall, the median of
+XSTest, chat template). Runs alternate in pairs after ``--warmup`` untimed rounds, the order reversed every other
+round (unmasked, masked; masked, unmasked; ...), so drift in clocks or load hits both and neither engine always
+runs second. Prints and writes (``--out``: JSON + Markdown) each engine's median wall, the median of
 the paired ratios masked / unmasked with its 95 % bootstrap CI over the pairs (a drift shared by a pair cancels),
 the verdict against ``--target`` (met, missed or not shown) and the ratio of the medians.
 """
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     walls: dict[str, list[float]] = {name: [] for name in engines}
     tokens = {}
     for round_ in range(args.warmup + args.repeats):  # the warm-up rounds: kernels, graphs, allocator, clocks
-        for name, llm in engines.items():
+        order = list(engines.items())
+        for name, llm in order[::-1] if round_ % 2 else order:  # either engine first in half the rounds
             t0 = time.perf_counter()
             done = llm.generate(requests, params, use_tqdm=False)
             if round_ >= args.warmup:

@@ -69,7 +69,7 @@ qwen25coder_rest) for part in ${2:-gsm8k wikitext2 mmlutext mmlu_paper}; do for 
   esac; done; done ;;
 qwen25coder_gsm8k_full) full=$OUT/rates_qwen25coder_gsm8k_full_paper
   if [ "${2:-}" = merge ]; then
-    run eval --merge $(for i in $(seq 0 $(( ${3:?merge N} - 1 ))); do echo "${full}_shard$i"; done) --out "$full" \
+    run eval "$QWEN_GGUF" --merge $(for i in $(seq 0 $(( ${3:?merge N} - 1 ))); do echo "${full}_shard$i"; done) --out "$full" \
       --data-dir "$DATA_DIR"
   else
     rates "$QWEN_GGUF" qwen25coder_gsm8k_full melayer_gsm8k all paper 0,0.01,0.1,1 "after_me from_after_me" 128 "${2:-}"
