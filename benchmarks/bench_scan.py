@@ -26,11 +26,26 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RANDOM_QWEN3_4B = "random-qwen3-4b"  # --model value: bench_wemask.py's random-weight Qwen3-4B shape, bf16
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 CARRIED_WIKI = ROOT / ".carry" / "data" / "wikitext2" / "wiki.test.raw"  # staged copy (benchmarks/gpu/README.md)
 
 
-def make_input(tokenizer, tokens: int) -> torch.Tensor:
+def load(spec: str, device: str):
+    """(model, tokenizer); the random model has no tokenizer (its input is random token ids)."""
+    if spec == RANDOM_QWEN3_4B:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_wemask import random_qwen3_4b
+
+        return random_qwen3_4b(device, 0), None
+    from melayer import load_model
+
+    return load_model(spec, device=device)
+
+
+def make_input(tokenizer, tokens: int, vocab_size: int = 0) -> torch.Tensor:
+    if tokenizer is None:  # random weights: random ids (the reductions cost the same; no massive values)
+        return torch.randint(0, vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
     path = WIKI if WIKI.is_file() else CARRIED_WIKI
     text = path.read_text(encoding="utf-8")
     ids = tokenizer(text[: tokens * 8], return_tensors="pt").input_ids[:, :tokens]
@@ -72,11 +87,10 @@ def memory_child(approach: str, tokens: int, device: str, spec: str) -> None:
     """Run one approach and print its peak memory above the loaded model (bytes)."""
     import contextlib
 
-    from melayer import load_model
     from melayer.capture import ResidualCapture, reduce_hidden
 
-    model, tok = load_model(spec, device=device)
-    ids = make_input(tok, tokens).to(device)
+    model, tok = load(spec, device)
+    ids = make_input(tok, tokens, model.config.vocab_size).to(device)
     mask = torch.ones_like(ids)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -120,7 +134,8 @@ def differing_fields(stats, reference) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="default", help="model spec (default: the embedded SmolLM2)")
+    p.add_argument("--model", default="default", help=f"model spec (default: the embedded SmolLM2), or "
+                                                       f"{RANDOM_QWEN3_4B} (random weights, bf16, random ids)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +150,6 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.memory_child, args.tokens, args.device, args.model)
 
-    from melayer import load_model
     from melayer.capture import MEDIANS, REDUCTIONS, ResidualCapture, resolve_reduction
     from melayer.report import console_table
     from melayer.stats import paired_ratio, target_verdict
@@ -147,14 +161,18 @@ def main() -> None:
         p.error(f"unknown --variants {sorted(unknown)}; choose REDUCTION[:MEDIAN] from {REDUCTIONS} and {MEDIANS}")
     shipped = resolve_reduction("auto")
 
-    t0 = time.perf_counter()
-    load_model(args.model, device=args.device)  # warm the cache (first load dequantises)
-    first_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device)
-    second_load = time.perf_counter() - t0
+    first_load = second_load = None
+    if args.model == RANDOM_QWEN3_4B:
+        model, tok = load(args.model, args.device)
+    else:
+        t0 = time.perf_counter()
+        load(args.model, args.device)  # warm the cache (first load dequantises)
+        first_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model, tok = load(args.model, args.device)
+        second_load = time.perf_counter() - t0
 
-    ids = make_input(tok, args.tokens).to(args.device)
+    ids = make_input(tok, args.tokens, model.config.vocab_size).to(args.device)
     mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
@@ -219,7 +237,7 @@ def main() -> None:
             row["differing_fields"] = differing_fields(outputs[name], reference)
         table[name] = row
     result = {
-        "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "model": args.model, "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_first_s": first_load, "load_second_s": second_load,
         "forward_plain_s": med["plain"], "forward_capture_s": med["capture"], "reduction": shipped,
         "time_ratio": med["capture"] / med["plain"], "paired_ratio": table["capture"]["paired_ratio"],
@@ -230,7 +248,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"second load of {args.model!r}: {second_load:.2f} s (target ≤ 3 s)")
+    if second_load is not None:
+        print(f"second load of {args.model!r}: {second_load:.2f} s (target ≤ 3 s)")
     print(f"peak memory above the model: capture {result['peak_capture_mb']:.1f} MB, output_hidden_states "
           f"{result['peak_hidden_states_mb']:.1f} MB ({result['memory_ratio']:.1f}× more)")
     for name, row in table.items():
