@@ -9,8 +9,9 @@ exactly. Pad tokens are excluded using the attention mask (left padding aware, v
 :func:`reduce_hidden` defines the statistics. :meth:`ResidualCapture.run` computes the same values more cheaply
 (:class:`ReductionPlan`): the token masks are built once per forward on the host, the per-block work is ~30
 kernels packed into two tensors, and all blocks reach the host in two copies. On a GPU each block's reduction
-is one CUDA graph replay (the default, measured faster), because a small model's forward is launch bound there
-and the hooks' launches, not their arithmetic, are the cost.
+is one CUDA graph replay into its own row of two stacks (the default, measured faster), because a small model's
+forward is launch bound there and the hooks' launches are the cost; on a 4B model the arithmetic is (the exact
+median sorts every value of the state: ``docs/results/bench_scan.md``).
 """
 from __future__ import annotations
 
