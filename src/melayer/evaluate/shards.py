@@ -74,7 +74,7 @@ def merge_shards(folders: Sequence[str | Path], out: str | Path, data_dir: str |
         raise MelayerError(f"--merge: {out} already holds {RESPONSES_NAME}; merge into a new folder")
     configs = _shard_configs(folders)
     try:
-        local_location(model or configs[0].model)
+        tokenizer_at = local_location(model or configs[0].model)[1]  # resolved once: scoring reuses it
     except MelayerError as e:
         raise MelayerError(f"--merge needs the tokenizer of the model that answered: {e}; pass that model (or a "
                            "copy of it) as the model argument") from None
@@ -101,5 +101,5 @@ def merge_shards(folders: Sequence[str | Path], out: str | Path, data_dir: str |
     partial.unlink(missing_ok=True)
     JsonlLog(partial).extend(rows.values())
     partial.replace(out / RESPONSES_NAME)  # whole or absent: a merge cut short is simply run again
-    return run_eval(EvalConfig(model=model or EvalConfig.model, out=str(out), tasks=None, score_only=True,
+    return run_eval(EvalConfig(model=tokenizer_at, out=str(out), tasks=None, score_only=True,
                                data_dir=merged.data_dir), progress_bar=progress_bar)
