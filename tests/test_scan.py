@@ -168,6 +168,71 @@ def test_planned_reduction_is_identical_to_reduce_hidden(case, median):
         assert ratio == 1000.0 or int(want.massive_count.sum()) > 0
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))
+INTERPRETED_CPU = pytest.param("cpu", marks=pytest.mark.skipif(  # conftest turns the interpreter on without a GPU
+    torch.cuda.is_available(), reason="a GPU machine runs the kernel compiled, on CUDA"))
+NORMS = ("first_norm", "rest_norm")  # the fused kernel sums the squares in another order
+
+
+def _assert_same_but_rounding(got: LayerStats, want: LayerStats) -> None:
+    """Identical, except the norms, equal to float rounding."""
+    for f in fields(LayerStats):
+        g, w = getattr(got, f.name), getattr(want, f.name)
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), f.name
+        tol = {"rtol": 1e-5, "atol": 0.0} if f.name in NORMS else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(g, w, equal_nan=True, msg=f.name, **tol)
+
+
+@pytest.mark.parametrize("device", [INTERPRETED_CPU, CUDA])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["batch1", "padded", "no_pad"])
+def test_fused_kernel_equals_reduce_hidden(case, dtype, device):
+    """The Triton kernel's one-pass partials, finished after the forward, give the definition's statistics: the
+    median found in the histogram of bit patterns is the very element ``nanmedian`` picks, the massive counts and
+    every position are exact, with ties, NaN / inf, pads and delimiters (on the CPU through Triton's interpreter).
+    Three states share the buffers, each in its own row, in a block size that splits the tokens and dims."""
+    from melayer.fused_reduction import FusedReduction
+
+    h, mask, delim = _hidden_case(case)
+    h = h.to(dtype).to(device)
+    valid = mask != 0
+    first = valid.int().argmax(1)
+    positions = torch.arange(mask.shape[1])
+    delim_sel = positions == (torch.full((len(mask),), -1) if delim is None else delim)[:, None]
+    plan = ReductionPlan(mask, delim)
+    for abs_threshold, ratio in ((100.0, 1000.0), (2.0, 3.0)):
+        fused = FusedReduction(3, h, abs_threshold, ratio, block_t=8, block_d=16)
+        fused.restart()
+        states = [h, -h.flip(1), h * 3]  # three different states in one forward
+        assert [fused(state, plan) for state in states] == [0, 1, 2]
+        got = plan.unpack(*(s.cpu() for s in fused.stacks(3)))
+        for state, stats in zip(states, got):
+            want = reduce_hidden(state.cpu(), valid, positions == first[:, None], delim_sel, first, abs_threshold, ratio)
+            _assert_same_but_rounding(stats, want)
+        assert ratio == 1000.0 or int(got[0].massive_count.sum()) > 0
+
+
+@pytest.mark.parametrize("device", [INTERPRETED_CPU, CUDA])
+def test_fused_capture_equals_reference(device):
+    """``reduction="fused"`` on a real bf16 forward (padded batch, delimiters), twice with other delimiters (the
+    shared buffers restart), gives the reference reduction's statistics; a guard: the reference counts massive
+    entries, so a wrong median or threshold would show."""
+    from helpers import left_padded, make_tiny
+
+    model = make_tiny("llama", dtype=torch.bfloat16).to(device)
+    ids, mask = left_padded([9, 6, 3], seed=1)
+    for delim in (torch.tensor([4, -1, 8]), torch.tensor([5, 7, -1])):
+        runs = {}
+        for reduction in ("reference", "fused"):
+            with ResidualCapture(model, abs_threshold=0.05, ratio=2.0, reduction=reduction) as cap:
+                layers = cap.run(ids, mask, delim)
+                runs[reduction] = [cap.embedding, *layers]
+        assert len(runs["fused"]) == model.config.num_hidden_layers + 1
+        for got, want in zip(runs["fused"], runs["reference"]):
+            _assert_same_but_rounding(got, want)
+        assert sum(int(s.massive_count.sum()) for s in runs["reference"]) > 0
+
+
 def test_nanmedian_by_sort_equals_nanmedian():
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 5, (6, 40), generator=g).float()  # many ties

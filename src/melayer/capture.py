@@ -11,7 +11,8 @@ exactly. Pad tokens are excluded using the attention mask (left padding aware, v
 kernels packed into two tensors, and all blocks reach the host in two copies. On a GPU each block's reduction
 is one CUDA graph replay into its own row of two stacks (the default, measured faster), because a small model's
 forward is launch bound there and the hooks' launches are the cost; on a 4B model the arithmetic is (the exact
-median sorts every value of the state: ``docs/results/bench_scan.md``).
+median sorts every value of the state: ``docs/results/bench_scan.md``). ``reduction="fused"``
+(:mod:`melayer.fused_reduction`) does a 16-bit state's work in one Triton kernel launch, 8x less GPU time there.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import fused_reduction
 from .adapters import adapter_for
 from .hooks import HookGroup, TokenContext, block_output
 from .modelutils import device_of, hidden_arg
@@ -91,13 +93,15 @@ def reduce_hidden(h: torch.Tensor, valid: torch.Tensor, first_sel: torch.Tensor,
     )
 
 
-REDUCTIONS = ("auto", "reference", "eager", "cuda_graph")
+REDUCTIONS = ("auto", "reference", "eager", "cuda_graph", "fused")
 
 
-def resolve_reduction(reduction: str) -> str:
-    """What ``reduction="auto"`` runs: the graph replay (eager off CUDA), the fastest on an H200
-    (``docs/results/bench_scan.md``)."""
-    return "cuda_graph" if reduction == "auto" else reduction
+def resolve_reduction(reduction: str, device: torch.device) -> str:
+    """What ``reduction="auto"`` runs on ``device``: on CUDA the graph replay, the fastest measured end to end on an
+    H200 (``docs/results/bench_scan.md``; "fused" is opt-in until measured so); eager elsewhere."""
+    if reduction != "auto":
+        return reduction
+    return "cuda_graph" if torch.device(device).type == "cuda" else "eager"
 
 
 MEDIANS = ("auto", "select", "sort")
@@ -169,12 +173,21 @@ class ReductionPlan:
             "carrier_pos": torch.stack([self.first, torch.where(has_delim, delim, 0)], 1),
             "carrier_absent": carrier_absent if carrier_absent.any() else None,
         }
+        self._kernel_inputs = (valid.to(torch.int8), torch.stack([self.first, torch.where(has_delim, delim, -1)], 1).int())
         self._on: dict[torch.device, dict] = {}
+        self._kernel_inputs_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on(self, device: torch.device) -> dict[str, Optional[torch.Tensor]]:
         if device not in self._on:
             self._on[device] = {k: None if m is None else m.to(device) for k, m in self._masks.items()}
         return self._on[device]
+
+    def kernel_inputs(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :class:`~melayer.fused_reduction.FusedReduction` reads: the (B, T) int8 mask of real tokens and
+        (B, 2) int32 first and delimiter positions (-1: none), on ``device``."""
+        if device not in self._kernel_inputs_on:
+            self._kernel_inputs_on[device] = tuple(t.to(device) for t in self._kernel_inputs)
+        return self._kernel_inputs_on[device]
 
     def unpack(self, floats: torch.Tensor, ints: torch.Tensor) -> list[LayerStats]:
         """(N, B, ·) stacks of :func:`reduce_packed` outputs, on the host, into N :class:`LayerStats`: the last
@@ -264,6 +277,10 @@ class GraphedReduction:
         self.row.zero_()
         self.used = 0
 
+    def stacks(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``rows`` rows' packs, (rows, B, ·) each."""
+        return self.floats[:rows], self.ints[:rows]
+
     def __call__(self, h: torch.Tensor, masks: dict) -> int:
         """Reduce ``h`` into the next row; returns that row's index."""
         if masks is not self.masks_of:  # a new forward's plan
@@ -311,8 +328,9 @@ class ResidualCapture:
 
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
-    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA) or "auto"
-    (:func:`resolve_reduction`); ``median``: how its median is selected (:func:`nanmedian_rows`).
+    (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA), "fused" (one Triton kernel per
+    16-bit state, :mod:`melayer.fused_reduction`; other states as "cuda_graph") or "auto"
+    (:func:`resolve_reduction`); ``median``: how the packed reductions select the median (:func:`nanmedian_rows`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
@@ -322,6 +340,8 @@ class ResidualCapture:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if median not in MEDIANS:
             raise ValueError(f"median must be one of {MEDIANS}, got {median!r}")
+        if reduction == "fused" and not fused_reduction.available():
+            raise ValueError('reduction="fused" needs Triton (it ships with CUDA builds of torch; pip install triton)')
         self.model = model
         self.abs_threshold, self.ratio = abs_threshold, ratio
         self.reduction, self.median = reduction, median
@@ -329,12 +349,13 @@ class ResidualCapture:
         self.ctx = TokenContext(model, self.hooks)
         self.delim_index: Optional[torch.Tensor] = None
         self.plan: Optional[ReductionPlan] = None
-        self.graphed = False
+        self.graphed = self.fused = False
         self.stats: dict[int, LayerStats] = {}
         self.embedding: Optional[LayerStats] = None
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._rows: dict[int, tuple[GraphedReduction, int]] = {}  # index -> (graph, its output row)
+        self._rows: dict[int, tuple] = {}  # index -> (its GraphedReduction or FusedReduction, its row there)
         self._graph: Optional[tuple[tuple, Optional[GraphedReduction]]] = None  # the last (shape key, graph)
+        self._fused: Optional[tuple[tuple, fused_reduction.FusedReduction]] = None  # the last (shape key, kernel's)
         layers = adapter_for(model).layers(model)
         self._states = len(layers) + 1  # the embeddings and every block's output
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
@@ -361,6 +382,10 @@ class ResidualCapture:
                 else:
                     self.stats[index] = stats
                 return
+            if self.fused and h.dtype in fused_reduction.DTYPES:
+                fused = self._fused_for(h)
+                self._rows[index] = (fused, fused(h, self.plan))
+                return
             masks = self.plan.on(h.device)
             graph = self._graph_for(h, masks) if self.graphed and _graphable(h) else None
             if graph is not None and graph.used < graph.rows:
@@ -379,6 +404,16 @@ class ResidualCapture:
             self._graph = (key, graph)
         return self._graph[1]
 
+    def _fused_for(self, h: torch.Tensor) -> fused_reduction.FusedReduction:
+        """The kernel's partials for ``h``'s shape, shared as :meth:`_graph_for`'s graphs are."""
+        key = (h.shape, h.dtype, h.device)
+        if self._fused is None or self._fused[0] != key:
+            fused = fused_reduction.shared(h, self._states, self.abs_threshold, self.ratio)
+            if all(g is not fused for g, _ in self._rows.values()):
+                fused.restart()
+            self._fused = (key, fused)
+        return self._fused[1]
+
     def _embedding_hook(self, module, args, kwargs):
         self._keep(-1, hidden_arg(args, kwargs))
 
@@ -396,13 +431,14 @@ class ResidualCapture:
         ``delim_index`` (B,): the absolute position of each sequence's first delimiter token (-1: none).
         """
         device = device_of(self.model)
-        reduction = resolve_reduction(self.reduction)
-        self.stats, self.embedding, self._packs, self._rows, self._graph = {}, None, {}, {}, None
+        reduction = resolve_reduction(self.reduction, device)
+        self.stats, self.embedding, self._packs, self._rows = {}, None, {}, {}
+        self._graph = self._fused = None
         self.delim_index = delim_index
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
         if plan is not None:
             plan.on(device)  # host-to-device copies wait for the stream: make them before the forward, not in it
-        self.plan, self.graphed = plan, reduction == "cuda_graph"
+        self.plan, self.graphed, self.fused = plan, reduction in ("cuda_graph", "fused"), reduction == "fused"
         try:
             adapter_for(self.model).decoder(self.model)(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
@@ -413,21 +449,17 @@ class ResidualCapture:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
         rows = [self._rows[i] for i in sorted(self._rows)]  # the embeddings (-1) first
+        stacks = {id(g): g.stacks(g.used) for g, _ in rows}
         if rows and not self._packs and all(g is rows[0][0] and r == k for k, (g, r) in enumerate(rows)):
-            graph = rows[0][0]  # every state in one graph's rows, in order: already stacked
-            floats, ints = graph.floats[:len(rows)].cpu(), graph.ints[:len(rows)].cpu()
+            floats, ints = (s.cpu() for s in stacks[id(rows[0][0])])  # every state in one source's rows, in order
         else:
-            packs = [self._packs[i] if i in self._packs else self._pack_row(i)
+            packs = [self._packs[i] if i in self._packs else tuple(s[self._rows[i][1]] for s in stacks[id(self._rows[i][0])])
                      for i in sorted([*self._packs, *self._rows])]
             floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
         self._packs, self._rows = {}, {}
         self.embedding, *layers = plan.unpack(floats, ints)
         self.stats = dict(enumerate(layers))
         return layers
-
-    def _pack_row(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        graph, row = self._rows[index]
-        return graph.floats[row], graph.ints[row]
 
     def remove(self) -> None:
         self.hooks.remove()
