@@ -449,7 +449,8 @@ class ResidualCapture:
             self.embedding = self.embedding.to("cpu")
             return [self.stats[i].to("cpu") for i in range(len(self.stats))]
         rows = [self._rows[i] for i in sorted(self._rows)]  # the embeddings (-1) first
-        stacks = {id(g): g.stacks(g.used) for g, _ in rows}
+        sources = {id(g): g for g, _ in rows}  # each finishes its rows once
+        stacks = {key: g.stacks(g.used) for key, g in sources.items()}
         if rows and not self._packs and all(g is rows[0][0] and r == k for k, (g, r) in enumerate(rows)):
             floats, ints = (s.cpu() for s in stacks[id(rows[0][0])])  # every state in one source's rows, in order
         else:
