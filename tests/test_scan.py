@@ -233,6 +233,47 @@ def test_fused_capture_equals_reference(device):
         assert sum(int(s.massive_count.sum()) for s in runs["reference"]) > 0
 
 
+@pytest.mark.parametrize("device", [INTERPRETED_CPU])
+def test_fused_finish_as_graph_across_forwards(monkeypatch, device):
+    """The fused reduction's finishing as a CUDA graph, run on the CPU with the graph replaced by its function: the
+    warm-up at construction and every replay clear the partials, so forward after forward (other states, other
+    delimiters, one of them left unfinished) gives the definition's statistics; a guard: the graph did replay."""
+    from types import SimpleNamespace
+
+    from melayer.fused_reduction import FusedReduction
+
+    replays = []
+
+    def run_as_graph(fn, device):
+        fn()  # the warm-up, as on a GPU
+        return SimpleNamespace(replay=lambda: (replays.append(1), fn()))
+
+    monkeypatch.setattr(capture, "_record", run_as_graph)
+    monkeypatch.setattr(capture, "_graphable", lambda h: True)
+    h, mask, _ = _hidden_case("padded")
+    h = h.bfloat16()
+    valid = mask != 0
+    first = valid.int().argmax(1)
+    positions = torch.arange(mask.shape[1])
+    fused = FusedReduction(2, h, 2.0, 3.0, block_t=8, block_d=16)
+    forwards = [(1.0, torch.tensor([4, -1, 30, 22])), (-2.0, torch.tensor([3, 8, -1, 22])),
+                (4.0, torch.tensor([4, -1, 30, 22])), (0.5, torch.tensor([5, -1, -1, -1]))]
+    for forward, (scale, delim) in enumerate(forwards):
+        plan = ReductionPlan(mask, delim)
+        fused.restart()
+        states = [h * scale, h.flip(2)]
+        for state in states:
+            fused(state, plan)
+        if forward == 2:
+            continue  # never finished: the next restart clears
+        got = plan.unpack(*fused.stacks(2))
+        delim_sel = positions == delim[:, None]
+        for state, stats in zip(states, got):
+            want = reduce_hidden(state, valid, positions == first[:, None], delim_sel, first, 2.0, 3.0)
+            _assert_same_but_rounding(stats, want)
+    assert len(replays) == 3
+
+
 def test_nanmedian_by_sort_equals_nanmedian():
     g = torch.Generator().manual_seed(0)
     rows = torch.randint(0, 5, (6, 40), generator=g).float()  # many ties

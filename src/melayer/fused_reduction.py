@@ -24,7 +24,9 @@ one pass would need one global atomic per value: measured 10x slower than this, 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -96,23 +98,32 @@ class FusedReduction:
         self.kernel = _kernel(h.device)
         self.compiled: dict[bool, object] = {}  # PASS1 -> the compiled kernel, launched directly once known
         self.strides = h.stride()
-        self.finished = False
+        self.used, self.result, self.dirty = 0, None, False
+        self._clear()
+        self.masks = [torch.zeros((batch, self.tokens), dtype=torch.bool, device=h.device) for _ in range(2)]
+        from . import capture  # its graph helpers (and their test seams)
 
-    def restart(self) -> None:
-        """Clear the accumulated partials: once per forward, before its first state."""
+        self.finish = self._graphed_finish(capture._record) if capture._graphable(h) else None
+
+    def _clear(self) -> None:
         for buffer in (self.exp_hist, self.mant_hist, self.band_hist, self.above, self.tok_nn, self.tok_nonfinite,
                        self.carriers):
             buffer.zero_()
         for buffer in (self.tok_max, self.rest):
             buffer.fill_(torch.iinfo(torch.int64).min)
-        self.used, self.finished = 0, False
+
+    def restart(self) -> None:
+        """Start a forward: once, before its first state (the partials were cleared when the last one finished)."""
+        if self.dirty:  # a forward that never finished
+            self._clear()
+        self.used, self.result = 0, None
 
     def __call__(self, h: torch.Tensor, plan) -> int:
         """Reduce ``h`` into the next state's partials, the token layout read from ``plan`` (a
         :class:`~melayer.capture.ReductionPlan`); returns the state's row."""
-        if self.used >= self.states or self.finished:
+        if self.used >= self.states or self.result is not None:
             raise RuntimeError(f"more than {self.states} states in one forward; restart() first")
-        self.plan = plan
+        self.plan, self.dirty = plan, True
         self._launch(h, pass1=True)
         self.used += 1
         return self.used - 1
@@ -144,14 +155,44 @@ class FusedReduction:
         if h.is_cuda and h.data_ptr() % 16 == 0 and h.stride() == self.strides:
             self.compiled[pass1] = launched
 
+    def _graphed_finish(self, record):
+        """:meth:`_finish_and_clear` captured as a CUDA graph by ``record`` (one launch for its ~40 operations,
+        which cost more host time than the kernels on a busy host); None where capture fails (it then runs
+        eagerly)."""
+
+        def finish():
+            self.graph_result = self._finish_and_clear(*self.masks)
+
+        try:
+            device = self.scratch.device
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return record(finish, device)
+        except RuntimeError as err:
+            warnings.warn(f"CUDA graph capture of the fused reduction's finish failed ({err}); finishing eagerly",
+                          stacklevel=2)
+            return None
+
     def stacks(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``rows`` states' packs, (rows, B, 3D + 4) floats and (rows, B, D + 4) ints, as
         :func:`~melayer.capture.reduce_packed` makes them, finished for all states at once on the device."""
-        if not self.finished and self.used:
-            self._launch(None, pass1=False)  # the last state's second pass
-            self.finished = True
-        n, masks = rows, self.plan.on(self.scratch.device)
-        exp_hist, mant_hist = self.exp_hist[:n].long(), self.mant_hist[:n].long()
+        if self.result is None:
+            if self.used:
+                self._launch(None, pass1=False)  # the last state's second pass
+            masks = self.plan.on(self.scratch.device)
+            if self.finish is None:
+                self.result = self._finish_and_clear(masks["first_sel"], masks["others"])
+            else:
+                for static, mask in zip(self.masks, (masks["first_sel"], masks["others"])):
+                    static.copy_(mask)
+                self.finish.replay()
+                self.result = self.graph_result
+            self.dirty = False
+        return tuple(r[:rows] for r in self.result)
+
+    def _finish_and_clear(self, first_sel: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every state's packs from the partials (``first_sel`` / ``others``: the plan's (B, T) token masks); then
+        the partials are cleared for the next forward."""
+        exp_hist, mant_hist = self.exp_hist.long(), self.mant_hist.long()
         count = exp_hist.sum(-1)
         rank = torch.div(count - 1, 2, rounding_mode="trunc")  # the lower median, as nanmedian
         cum = exp_hist.cumsum(-1)
@@ -161,23 +202,23 @@ class FusedReduction:
         pattern = (exponent << self.mant | low).clamp(max=BINS - 1)
         median = torch.where(count > 0, self.bin_values[pattern], float("nan"))
         threshold = torch.clamp(median * self.ratio, min=self.abs_threshold)
-        near = (self.band_hist[:n] * (self.bin_values > threshold[..., None])).sum(-1, dtype=torch.int64)
-        massive_count = self.above[:n].long() + near
-        massive_tokens = (self.tok_nn[:n].view(torch.float32) > threshold[..., None]).sum(-1)
-        norms = self.sumsq[:n].sum(2).sqrt()
-        first_norm = (norms * masks["first_sel"]).sum(-1)
-        rest_norm_sum = (norms * masks["others"]).sum(-1)
+        near = (self.band_hist * (self.bin_values > threshold[..., None])).sum(-1, dtype=torch.int64)
+        massive_count = self.above.long() + near
+        massive_tokens = (self.tok_nn.view(torch.float32) > threshold[..., None]).sum(-1)
+        norms = self.sumsq.sum(2).sqrt()
+        first_norm = (norms * first_sel).sum(-1)
+        rest_norm_sum = (norms * others).sum(-1)
         positions = torch.arange(self.tokens, device=norms.device)
-        tok_max = self.tok_max[:n]
-        largest = ((tok_max >> 32) << 32 | (_TAG - positions)).max(-1).values  # ties: the first position
+        largest = ((self.tok_max >> 32) << 32 | (_TAG - positions)).max(-1).values  # ties: the first position
         at = _TAG - (largest & 0xFFFFFFFF)
-        arg = at * self.dim + _TAG - (tok_max.gather(-1, at[..., None])[..., 0] & 0xFFFFFFFF)
+        arg = at * self.dim + _TAG - (self.tok_max.gather(-1, at[..., None])[..., 0] & 0xFFFFFFFF)
         max_abs = _float_of(largest >> 32)
-        rest_max, rest_arg = _float_of(self.rest[:n] >> 32), _TAG - (self.rest[:n] & 0xFFFFFFFF)
-        finite = self.tokens * self.dim - self.tok_nonfinite[:n].sum(-1, dtype=torch.int64)
-        floats = torch.cat([self.carriers[:n].flatten(2), rest_max,
+        rest_max, rest_arg = _float_of(self.rest >> 32), _TAG - (self.rest & 0xFFFFFFFF)
+        finite = self.tokens * self.dim - self.tok_nonfinite.sum(-1, dtype=torch.int64)
+        floats = torch.cat([self.carriers.flatten(2), rest_max,
                             torch.stack([max_abs, median, first_norm, rest_norm_sum], -1)], -1)
         ints = torch.cat([rest_arg, torch.stack([arg, massive_count, massive_tokens, finite], -1)], -1)
+        self._clear()
         return floats, ints
 
 
