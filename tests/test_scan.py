@@ -400,6 +400,35 @@ def test_scan_warns_about_non_finite_weights(tmp_path):
     json.loads(paths["json"].read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in report.json"))
 
 
+@pytest.mark.parametrize("device", [INTERPRETED_CPU])
+def test_scan_config_picks_the_reduction(device):
+    """``ScanConfig.reduction`` reaches the capture: a bf16 scan with the fused kernel reports what the reference
+    reduction reports (token 0's |h| per block exactly, every layer's figures to float rounding); a bad name is a
+    one-line error before anything runs."""
+    from helpers import make_tiny, word_tokenizer
+    from melayer.errors import MelayerError
+    from melayer.scanning import ScanConfig, scan
+
+    from melayer import fused_reduction
+
+    model = make_tiny("llama", dtype=torch.bfloat16)
+    prompts = ["w5 w6 w7 w8", "w9 w10 w11", "w3"]
+    fused_reduction._SHARED.clear()
+    reports = {r: scan(model, word_tokenizer(), prompts, config=ScanConfig(reduction=r), progress=False)
+               for r in ("reference", "fused")}
+    assert len(fused_reduction._SHARED) == 1  # the kernel did run
+    assert reports["fused"].token0_abs == reports["reference"].token0_abs
+    for got, want in zip(reports["fused"].layers, reports["reference"].layers):
+        assert got.keys() == want.keys()
+        for key in got:
+            if isinstance(want[key], float):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, nan_ok=True), key
+            else:
+                assert got[key] == want[key], key
+    with pytest.raises(MelayerError, match="reduction must be one of"):
+        ScanConfig(reduction="sorted")
+
+
 @pytest.mark.real
 def test_smollm2_me_layer_is_born_at_block_11(smollm2):
     """Massive on token 0; the ME block's output meets the criterion, its input does not; it persists."""

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from .adapters import adapter_for, base_model, model_type
-from .capture import LayerStats, ResidualCapture
+from .capture import REDUCTIONS, LayerStats, ResidualCapture
 from .detect import Emergence, MassiveCriterion, Profile, emergence, prompt_events
 from .errors import MelayerError
 from .report import console_table, data_frame, markdown_table, new_figure, progress as progress_bar, write_report
@@ -25,10 +25,13 @@ class ScanConfig:
     criterion: MassiveCriterion = field(default_factory=MassiveCriterion)
     batch_size: int = 8
     top_dims: int = 8  # how many dims of token 0 / delimiter / rest to report per layer
+    reduction: str = "auto"  # how the capture computes its statistics (capture.REDUCTIONS); the values are the same
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise MelayerError(f"scan batch size must be a positive integer, got {self.batch_size!r}")
+        if self.reduction not in REDUCTIONS:
+            raise MelayerError(f"scan reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
 
 @dataclass
@@ -91,7 +94,7 @@ def scan(model, tokenizer, prompts: Optional[Sequence[Prompt | str]] = None,
     per_prompt: list[list[LayerStats]] = []
     profiles: list[Profile] = []
     delims: list[int] = []
-    with ResidualCapture(model, c.abs_threshold, c.ratio) as cap:
+    with ResidualCapture(model, c.abs_threshold, c.ratio, reduction=config.reduction) as cap:
         starts = range(0, len(prompts), config.batch_size)
         for s in progress_bar(starts, desc="scan", total=len(starts), disable=not progress):
             chunk = encoded[s:s + config.batch_size]
@@ -226,7 +229,7 @@ def find_me_layer(model, tokenizer=None, criterion: Optional[MassiveCriterion] =
     else:
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, base.config.vocab_size, (4, 48), generator=gen)
-        with ResidualCapture(model, c.abs_threshold, c.ratio) as cap:
+        with ResidualCapture(model, c.abs_threshold, c.ratio, reduction=config.reduction) as cap:
             layers = cap.run(ids, torch.ones_like(ids))
             em = emergence([Profile.from_stats(cap.embedding, layers, b) for b in range(4)], c)
         for message in _warnings(em, []):

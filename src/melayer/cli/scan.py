@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import files_read
+from ..capture import REDUCTIONS
 from ..detect import MassiveCriterion
 from ..errors import MelayerError
 from ..scanning import ScanConfig, describe_me_layer, print_summary, scan, write_scan_report
@@ -23,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--persist-fraction", type=float, default=0.8,
                    help="share of the later blocks in which an event must stay massive to count as born")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reduction", choices=REDUCTIONS, default="auto",
+                   help="how the statistics are computed (same values): auto (a CUDA graph replay per block on a "
+                        "GPU, eager elsewhere), fused (one Triton kernel per bf16/fp16 block, GPU), ...")
     p.add_argument("--with-saved-wemask", action="store_true",
                    help="scan a model saved with WeMask with its mask applied (default: the bare model)")
     p.set_defaults(handler=run)
@@ -33,7 +37,7 @@ def run(args) -> int:
         raise MelayerError(f"--batch-size must be at least 1, got {args.batch_size}")
     criterion = MassiveCriterion(abs_threshold=args.abs_threshold, ratio=args.ratio,
                                  persist_fraction=args.persist_fraction)
-    config = ScanConfig(criterion=criterion, batch_size=args.batch_size)
+    config = ScanConfig(criterion=criterion, batch_size=args.batch_size, reduction=args.reduction)
     prompts = read_prompts(args.prompts) if args.prompts else None  # validated before the slow load
     check_out_dir(args.out)
     model, tokenizer, saved = load_from_args(args)
