@@ -109,6 +109,7 @@ for T, D in ((2048, 2560), (2048, 576)):
         print(f"stats only  bt={bt} bd={bd} nw={nw}: {run(T, D, bt, bd, nw, 0)}", flush=True)
     for hs in (1, 2, 4):
         for bt, bd, nw in ((16, 128, 4), (32, 128, 8)):
-            print(f"hist HS={hs} alone bt={bt} bd={bd} nw={nw}: {run(T, D, bt, bd, nw, hs, stats=False, check=True)}", flush=True)
+            result = run(T, D, bt, bd, nw, hs, stats=False, check=True)
+            print(f"hist HS={hs} alone bt={bt} bd={bd} nw={nw}: {result}", flush=True)
     print(f"full HS=2 bt=16 bd=128 nw=4: {run(T, D, 16, 128, 4, 2)}", flush=True)
     print(f"full HS=2 bt=32 bd=128 nw=8: {run(T, D, 32, 128, 8, 2)}", flush=True)

@@ -155,7 +155,8 @@ def differing_fields(stats, reference) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="default", help=f"model spec (default: the embedded SmolLM2), or "
-                                                       f"{RANDOM_QWEN3_4B} or {RANDOM_SMOLLM2} (random weights, bf16, random ids)")
+                                                       f"{RANDOM_QWEN3_4B} or {RANDOM_SMOLLM2} (random weights, "
+                                                       "bf16, random ids)")
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -207,7 +207,8 @@ def test_fused_kernel_equals_reduce_hidden(case, dtype, device):
         assert [fused(state, plan) for state in states] == [0, 1, 2]
         got = plan.unpack(*(s.cpu() for s in fused.stacks(3)))
         for state, stats in zip(states, got):
-            want = reduce_hidden(state.cpu(), valid, positions == first[:, None], delim_sel, first, abs_threshold, ratio)
+            first_sel = positions == first[:, None]
+            want = reduce_hidden(state.cpu(), valid, first_sel, delim_sel, first, abs_threshold, ratio)
             _assert_same_but_rounding(stats, want)
         assert ratio == 1000.0 or int(got[0].massive_count.sum()) > 0
 

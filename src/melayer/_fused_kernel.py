@@ -5,7 +5,7 @@ it is first imported (the test suite does so on machines without a GPU)."""
 import triton
 import triton.language as tl
 
-_NEG_ONE_BITS = tl.constexpr(-1082130432)  # -1.0's fp32 bits: a token left out of the per-dim maxima, as reduce_packed's fill
+_NEG_ONE_BITS = tl.constexpr(-1082130432)  # -1.0's fp32 bits: a token left out of the per-dim maxima
 
 
 @triton.jit

@@ -173,7 +173,8 @@ class ReductionPlan:
             "carrier_pos": torch.stack([self.first, torch.where(has_delim, delim, 0)], 1),
             "carrier_absent": carrier_absent if carrier_absent.any() else None,
         }
-        self._kernel_inputs = (valid.to(torch.int8), torch.stack([self.first, torch.where(has_delim, delim, -1)], 1).int())
+        positions_or_none = torch.stack([self.first, torch.where(has_delim, delim, -1)], 1).int()
+        self._kernel_inputs = (valid.to(torch.int8), positions_or_none)
         self._on: dict[torch.device, dict] = {}
         self._kernel_inputs_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -454,13 +455,17 @@ class ResidualCapture:
         if rows and not self._packs and all(g is rows[0][0] and r == k for k, (g, r) in enumerate(rows)):
             floats, ints = (s.cpu() for s in stacks[id(rows[0][0])])  # every state in one source's rows, in order
         else:
-            packs = [self._packs[i] if i in self._packs else tuple(s[self._rows[i][1]] for s in stacks[id(self._rows[i][0])])
+            packs = [self._packs[i] if i in self._packs else self._row_pack(i, stacks)
                      for i in sorted([*self._packs, *self._rows])]
             floats, ints = (torch.stack([p[k].to(device) for p in packs]).cpu() for k in (0, 1))
         self._packs, self._rows = {}, {}
         self.embedding, *layers = plan.unpack(floats, ints)
         self.stats = dict(enumerate(layers))
         return layers
+
+    def _row_pack(self, index: int, stacks: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        source, row = self._rows[index]
+        return tuple(s[row] for s in stacks[id(source)])
 
     def remove(self) -> None:
         self.hooks.remove()
