@@ -234,6 +234,19 @@ def test_fused_capture_equals_reference(device):
         assert sum(int(s.massive_count.sum()) for s in runs["reference"]) > 0
 
 
+def test_fused_reduction_takes_only_what_it_can_index():
+    """16-bit states only, and only while two copies fit 32-bit offsets; the capture reduces the rest otherwise."""
+    from melayer import fused_reduction
+
+    small = torch.empty(2, 3, 4, dtype=torch.bfloat16, device="meta")
+    assert fused_reduction.supports(small) and fused_reduction.supports(small.half())
+    assert not fused_reduction.supports(small.float())
+    assert not fused_reduction.supports(torch.empty(1, 2**15, 2**15, dtype=torch.bfloat16, device="meta"))
+    assert fused_reduction.supports(torch.empty(1, 2**15, 2**15 - 1, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(ValueError, match="16-bit states"):
+        fused_reduction.FusedReduction(2, small.float())
+
+
 @pytest.mark.parametrize("device", [INTERPRETED_CPU])
 def test_fused_finish_as_graph_across_forwards(monkeypatch, device):
     """The fused reduction's finishing as a CUDA graph, run on the CPU with the graph replaced by its function: the

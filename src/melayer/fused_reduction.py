@@ -39,6 +39,11 @@ DTYPES = tuple(INF_BITS)
 _TAG = 0x7FFFFFFF  # a position t is packed as _TAG - t, so that ties go to the first position, as torch's max
 
 
+def supports(h: torch.Tensor) -> bool:
+    """Whether the kernel takes ``h``: a 16-bit state whose two copies stay within 32-bit offsets."""
+    return h.dtype in DTYPES and 2 * h.numel() < 2**31
+
+
 def available() -> bool:
     """Whether Triton is importable (it ships with CUDA builds of torch)."""
     try:
@@ -73,8 +78,9 @@ class FusedReduction:
 
     def __init__(self, states: int, h: torch.Tensor, abs_threshold: float = 100.0, ratio: float = 1000.0,
                  block_t: int = 32, block_d: int = 128):
-        if h.dtype not in DTYPES:
-            raise ValueError(f"the fused reduction reads 16-bit states ({DTYPES}), got {h.dtype}")
+        if not supports(h):
+            raise ValueError(f"the fused reduction reads 16-bit states ({DTYPES}) of under 2^30 values, "
+                             f"got {h.dtype} with {h.numel()}")
         batch, self.tokens, self.dim = h.shape
         self.states, self.dtype, self.used, self.plan = states, h.dtype, 0, None
         self.abs_threshold, self.ratio = abs_threshold, ratio
