@@ -243,6 +243,7 @@ def test_fused_reduction_takes_only_what_it_can_index():
     assert not fused_reduction.supports(small.float())
     assert not fused_reduction.supports(torch.empty(1, 2**15, 2**15, dtype=torch.bfloat16, device="meta"))
     assert fused_reduction.supports(torch.empty(1, 2**15, 2**15 - 1, dtype=torch.bfloat16, device="meta"))
+    assert fused_reduction.supports(small, 2**15 - 1) and not fused_reduction.supports(small, 2**15)  # histograms
     with pytest.raises(ValueError, match="16-bit states"):
         fused_reduction.FusedReduction(2, small.float())
 

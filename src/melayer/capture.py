@@ -330,7 +330,7 @@ class ResidualCapture:
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
     (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA), "fused" (one Triton kernel per
-    16-bit state, :mod:`melayer.fused_reduction`; other states, and any beyond 2^30 values, as "cuda_graph") or "auto"
+    16-bit state, :mod:`melayer.fused_reduction`; other states, and those too large for its 32-bit offsets, as "cuda_graph") or "auto"
     (:func:`resolve_reduction`); ``median``: how the packed reductions select the median (:func:`nanmedian_rows`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
@@ -383,7 +383,7 @@ class ResidualCapture:
                 else:
                     self.stats[index] = stats
                 return
-            if self.fused and fused_reduction.supports(h):
+            if self.fused and fused_reduction.supports(h, self._states):
                 fused = self._fused_for(h)
                 self._rows[index] = (fused, fused(h, self.plan))
                 return

@@ -39,9 +39,10 @@ DTYPES = tuple(INF_BITS)
 _TAG = 0x7FFFFFFF  # a position t is packed as _TAG - t, so that ties go to the first position, as torch's max
 
 
-def supports(h: torch.Tensor) -> bool:
-    """Whether the kernel takes ``h``: a 16-bit state whose two copies stay within 32-bit offsets."""
-    return h.dtype in DTYPES and 2 * h.numel() < 2**31
+def supports(h: torch.Tensor, states: int = 1) -> bool:
+    """Whether the kernel takes ``h``, one of ``states`` per forward: a 16-bit state whose two copies, and every
+    state's histograms, stay within the kernel's 32-bit offsets."""
+    return h.dtype in DTYPES and 2 * h.numel() < 2**31 and states * h.shape[0] * BINS < 2**31
 
 
 def available() -> bool:
@@ -78,9 +79,9 @@ class FusedReduction:
 
     def __init__(self, states: int, h: torch.Tensor, abs_threshold: float = 100.0, ratio: float = 1000.0,
                  block_t: int = 32, block_d: int = 128):
-        if not supports(h):
-            raise ValueError(f"the fused reduction reads 16-bit states ({DTYPES}) of under 2^30 values, "
-                             f"got {h.dtype} with {h.numel()}")
+        if not supports(h, states):
+            raise ValueError(f"the fused reduction reads 16-bit states ({DTYPES}) within 32-bit offsets, got "
+                             f"{states} x {h.dtype} {tuple(h.shape)}")
         batch, self.tokens, self.dim = h.shape
         self.states, self.dtype, self.used, self.plan = states, h.dtype, 0, None
         self.abs_threshold, self.ratio = abs_threshold, ratio
