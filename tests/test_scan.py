@@ -444,6 +444,31 @@ def test_scan_config_picks_the_reduction(device):
         ScanConfig(reduction="sorted")
 
 
+@pytest.mark.parametrize("device", [INTERPRETED_CPU, CUDA])
+def test_fused_reduction_refuses_an_old_triton(monkeypatch, device):
+    """A Triton without masked histograms (< 3.4) is a one-line error when the config is made, before any model
+    runs; the direct launch is used only with the Triton releases whose launcher it was checked against."""
+    import triton
+
+    from helpers import make_tiny
+    from melayer import fused_reduction
+    from melayer.errors import MelayerError
+    from melayer.scanning import ScanConfig
+
+    assert fused_reduction.available() and ScanConfig(reduction="fused").reduction == "fused"  # guard: today's
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    assert not fused_reduction.available()
+    with pytest.raises(MelayerError, match=r"needs Triton >= 3\.4"):
+        ScanConfig(reduction="fused")
+    with pytest.raises(ValueError, match=r"needs Triton >= 3\.4"):
+        ResidualCapture(make_tiny("llama"), reduction="fused")
+    for version, direct in (("3.6.0", True), ("3.6.1+git4f2e", True), ("3.9.0", False), ("3.10.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert fused_reduction.available()
+        h = torch.zeros(1, 4, 8, dtype=torch.bfloat16, device=device)
+        assert fused_reduction.FusedReduction(2, h).direct is direct, version
+
+
 @pytest.mark.real
 def test_smollm2_me_layer_is_born_at_block_11(smollm2):
     """Massive on token 0; the ME block's output meets the criterion, its input does not; it persists."""

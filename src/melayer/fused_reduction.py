@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import warnings
 from collections import OrderedDict
 from typing import Optional
@@ -45,13 +46,24 @@ def supports(h: torch.Tensor, states: int = 1) -> bool:
     return h.dtype in DTYPES and 2 * h.numel() < 2**31 and states * h.shape[0] * BINS < 2**31
 
 
-def available() -> bool:
-    """Whether Triton is importable (it ships with CUDA builds of torch)."""
+MIN_TRITON = (3, 4)  # masked tl.histogram and triton.knobs (tested with 3.6)
+DIRECT_LAUNCH_TRITON = ((3, 6),)  # the releases whose compiled-kernel launch signature was checked on a GPU
+
+
+def _triton_version() -> Optional[tuple[int, int]]:
+    """Triton's (major, minor), or None where it is not importable."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
-        return False
-    return True
+        return None
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
+
+
+def available() -> bool:
+    """Whether a Triton that builds the kernel is importable (>= 3.4; it ships with CUDA builds of torch)."""
+    version = _triton_version()
+    return version is not None and version >= MIN_TRITON
 
 
 def _kernel(device: torch.device):
@@ -104,6 +116,7 @@ class FusedReduction:
         self.bin_values = torch.arange(BINS, dtype=torch.int16, device=h.device).view(h.dtype).float()
         self.kernel = _kernel(h.device)
         self.compiled: dict[bool, object] = {}  # PASS1 -> the compiled kernel, launched directly once known
+        self.direct = _triton_version() in DIRECT_LAUNCH_TRITON  # elsewhere Triton's own launcher, always
         self.strides = h.stride()
         self.used, self.result, self.dirty = 0, None, False
         self._clear()
@@ -159,7 +172,7 @@ class FusedReduction:
                                                 carrier_pos, *buffers, float(self.abs_threshold), float(self.ratio),
                                                 *constants, num_warps=4)
         self.addresses = tuple(b.data_ptr() for b in buffers)
-        if h.is_cuda and h.data_ptr() % 16 == 0 and h.stride() == self.strides:
+        if self.direct and h.is_cuda and h.data_ptr() % 16 == 0 and h.stride() == self.strides:
             self.compiled[pass1] = launched
 
     def _graphed_finish(self, record):

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import fused_reduction
 from .adapters import adapter_for, base_model, model_type
 from .capture import REDUCTIONS, LayerStats, ResidualCapture
 from .detect import Emergence, MassiveCriterion, Profile, emergence, prompt_events
@@ -32,6 +33,8 @@ class ScanConfig:
             raise MelayerError(f"scan batch size must be a positive integer, got {self.batch_size!r}")
         if self.reduction not in REDUCTIONS:
             raise MelayerError(f"scan reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.reduction == "fused" and not fused_reduction.available():
+            raise MelayerError('scan reduction "fused" needs Triton >= 3.4 (pip install "triton>=3.4")')
 
 
 @dataclass
