@@ -9,14 +9,11 @@ _NEG_ONE_BITS = tl.constexpr(-1082130432)  # -1.0's fp32 bits: a token left out 
 
 
 @triton.jit
-def _partials(h_ptr, stride_b, stride_t, stride_d, T, b, row, valid_ptr, carrier_pos_ptr, scratch_ptr,
-              exp_hist_ptr, sumsq_ptr, tok_max_ptr, tok_nn_ptr, tok_nonfinite_ptr, rest_ptr, carriers_ptr,
-              D: tl.constexpr, MANT: tl.constexpr, INF16: tl.constexpr, BLOCK_T: tl.constexpr,
-              BLOCK_D: tl.constexpr):
-    """Pass 1 on one (BLOCK_T, BLOCK_D) tile: everything but the median's low bits; keeps a copy for pass 2."""
+def _tile(h_ptr, stride_b, stride_t, stride_d, T, b, valid_ptr, carrier_pos_ptr, D: tl.constexpr,
+          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (BLOCK_T, BLOCK_D) tile of sequence ``b`` at this program's (token, dim) block, and its token layout."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    db = tl.program_id(1)
-    d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_t = t < T
     in_d = d < D
     valid = tl.load(valid_ptr + b * T + t, mask=in_t, other=0) != 0
@@ -25,13 +22,19 @@ def _partials(h_ptr, stride_b, stride_t, stride_d, T, b, row, valid_ptr, carrier
     inside = in_t[:, None] & in_d[None, :]
     real = inside & valid[:, None]
     x = tl.load(h_ptr + b * stride_b + t[:, None] * stride_t + d[None, :] * stride_d, mask=inside, other=0.0)
-    tl.store(scratch_ptr + (b * T + t[:, None]) * D + d[None, :], x, mask=inside)
+    return x, t, d, in_t, in_d, valid, first, delim, inside, real
+
+
+@triton.jit
+def _tile_statistics(x, t, d, in_t, in_d, valid, first, delim, inside, real, T, row, sumsq_ptr, tok_max_ptr,
+                     tok_nn_ptr, tok_nonfinite_ptr, rest_ptr, carriers_ptr, D: tl.constexpr):
+    """A tile's share of every statistic but the median, into state ``row``'s partials."""
     xf = x.to(tl.float32)
     a = tl.abs(xf)
     nan = a != a
     key = tl.where(nan, 0x7FC00000, a.to(tl.int32, bitcast=True))  # orders as |h| does, NaN on top (as max)
     # per token, over this tile's dims: merged across tiles by atomics (order-free) or summed later (squares)
-    tl.store(sumsq_ptr + (row * tl.num_programs(1) + db) * T + t, tl.sum(xf * xf, axis=1), mask=in_t)
+    tl.store(sumsq_ptr + (row * tl.num_programs(1) + tl.program_id(1)) * T + t, tl.sum(xf * xf, axis=1), mask=in_t)
     tok_key = tl.where(in_d[None, :], tl.where(real, key, 0), -1)  # pads count as 0, as reduce_packed's
     packed = (tok_key.to(tl.int64) << 32) | (0x7FFFFFFF - d)[None, :].to(tl.int64)  # ties: the first dim
     tl.atomic_max(tok_max_ptr + row * T + t, tl.max(packed, axis=1), mask=in_t, sem="relaxed")
@@ -48,6 +51,19 @@ def _partials(h_ptr, stride_b, stride_t, stride_d, T, b, row, valid_ptr, carrier
     target = carriers_ptr + row * 2 * D + d[None, :] + 0 * t[:, None]
     tl.store(target, xf, mask=inside & (t == first)[:, None])
     tl.store(target + D, xf, mask=inside & (t == delim)[:, None])
+
+
+@triton.jit
+def _partials(h_ptr, stride_b, stride_t, stride_d, T, b, row, valid_ptr, carrier_pos_ptr, scratch_ptr,
+              exp_hist_ptr, sumsq_ptr, tok_max_ptr, tok_nn_ptr, tok_nonfinite_ptr, rest_ptr, carriers_ptr,
+              D: tl.constexpr, MANT: tl.constexpr, INF16: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Pass 1 on one (BLOCK_T, BLOCK_D) tile: everything but the median's low bits; keeps a copy for pass 2."""
+    x, t, d, in_t, in_d, valid, first, delim, inside, real = _tile(h_ptr, stride_b, stride_t, stride_d, T, b,
+                                                                   valid_ptr, carrier_pos_ptr, D, BLOCK_T, BLOCK_D)
+    tl.store(scratch_ptr + (b * T + t[:, None]) * D + d[None, :], x, mask=inside)
+    _tile_statistics(x, t, d, in_t, in_d, valid, first, delim, inside, real, T, row, sumsq_ptr, tok_max_ptr,
+                     tok_nn_ptr, tok_nonfinite_ptr, rest_ptr, carriers_ptr, D)
     # the median's high bits: a histogram of |h|'s exponent field (NaN left out, as nanmedian)
     bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
     counted = tl.reshape(real & (bits <= INF16), (BLOCK_T * BLOCK_D,))
