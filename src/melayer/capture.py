@@ -16,7 +16,6 @@ median sorts every value of the state: ``docs/results/bench_scan.md``). ``reduct
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -235,17 +234,19 @@ def reduce_packed(h: torch.Tensor, masks: dict, abs_threshold: float = 100.0, ra
 
 
 def _record(fn, device: torch.device):
-    """``fn`` captured as a CUDA graph on ``device`` (warmed up on a side stream first: lazy initialisation,
-    workspaces); the graph's ``replay()`` runs it again. Tests swap this for ``fn`` itself to run on the CPU."""
+    """``fn`` captured as a CUDA graph on ``device``, the current device meanwhile (warmed up on a side stream first:
+    lazy initialisation, workspaces); the graph's ``replay()`` runs it again. Tests swap this for ``fn`` itself to
+    run on the CPU."""
     from .generation import _capture  # capture without torch.cuda.graph's cache flush; failure-safe
 
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    _capture(graph, side, fn)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        _capture(graph, side, fn)
     return graph
 
 
@@ -308,8 +309,7 @@ def graphed_reduction(h: torch.Tensor, masks: dict, abs_threshold: float, ratio:
            tuple(m is None for m in masks.values()))
     if key not in _GRAPHS:
         try:
-            with torch.cuda.device(h.device) if h.is_cuda else contextlib.nullcontext():
-                _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median, rows)
+            _GRAPHS[key] = GraphedReduction(h, masks, abs_threshold, ratio, median, rows)
         except RuntimeError as err:
             warnings.warn(f"CUDA graph capture of the scan reduction failed ({err}); reducing eagerly", stacklevel=2)
             _GRAPHS[key] = None
@@ -330,8 +330,9 @@ class ResidualCapture:
     ``abs_threshold`` / ``ratio``: the massive criterion used for the exact counts. ``reduction`` (how
     :meth:`run` computes the same values): "reference" (:func:`reduce_hidden` per block), "eager"
     (:func:`reduce_packed`), "cuda_graph" (its graph replayed; eager off CUDA), "fused" (one Triton kernel per
-    16-bit state, :mod:`melayer.fused_reduction`; other states, and those too large for its 32-bit offsets, as "cuda_graph") or "auto"
-    (:func:`resolve_reduction`); ``median``: how the packed reductions select the median (:func:`nanmedian_rows`).
+    16-bit state, :mod:`melayer.fused_reduction`; other states, and those too large for its 32-bit offsets, as
+    "cuda_graph") or "auto" (:func:`resolve_reduction`); ``median``: how the packed reductions select the median
+    (:func:`nanmedian_rows`).
     A forward outside :meth:`run` is reduced by :func:`reduce_hidden`, on the device.
     """
 
@@ -356,8 +357,7 @@ class ResidualCapture:
         self.embedding: Optional[LayerStats] = None
         self._packs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rows: dict[int, tuple] = {}  # index -> (its GraphedReduction or FusedReduction, its row there)
-        self._graph: Optional[tuple[tuple, Optional[GraphedReduction]]] = None  # the last (shape key, graph)
-        self._fused: Optional[tuple[tuple, fused_reduction.FusedReduction]] = None  # the last (shape key, kernel's)
+        self._last_source: dict[str, tuple] = {}  # "graph" / "fused" -> the last (shape key, row source) used
         layers = adapter_for(model).layers(model)
         self._states = len(layers) + 1  # the embeddings and every block's output
         self.hooks.pre(layers[0], self._embedding_hook, with_kwargs=True)
@@ -385,36 +385,33 @@ class ResidualCapture:
                     self.stats[index] = stats
                 return
             if self.fused and fused_reduction.supports(h, self._states):
-                fused = self._fused_for(h)
+                fused = self._row_source("fused", h, lambda: fused_reduction.shared(h, self._states,
+                                                                                    self.abs_threshold, self.ratio))
                 self._rows[index] = (fused, fused(h, self.plan))
                 return
             masks = self.plan.on(h.device)
-            graph = self._graph_for(h, masks) if self.graphed and _graphable(h) else None
+            graph = None
+            if self.graphed and _graphable(h):
+                graph = self._row_source("graph", h, lambda: graphed_reduction(
+                    h, masks, self.abs_threshold, self.ratio, self.median, self._states))
             if graph is not None and graph.used < graph.rows:
                 self._rows[index] = (graph, graph(h, masks))
             else:
                 self._packs[index] = reduce_packed(h, masks, self.abs_threshold, self.ratio, self.median)
 
-    def _graph_for(self, h: torch.Tensor, masks: dict) -> Optional[GraphedReduction]:
-        """The graph for ``h`` (every block of a model on one device shares one), restarted at its first use in
-        this forward; the last one is remembered, so a block costs no cache lookup."""
+    def _row_source(self, kind: str, h: torch.Tensor, shared):
+        """The row source of ``kind`` ("graph": :class:`GraphedReduction`, "fused":
+        :class:`~melayer.fused_reduction.FusedReduction`) for ``h``'s shape: ``shared()`` (every block of a model on
+        one device shares one; None where a graph failed), restarted at its first use in this forward. The last one
+        of each kind is remembered, so a block costs no cache lookup."""
         key = (h.shape, h.dtype, h.device)
-        if self._graph is None or self._graph[0] != key:
-            graph = graphed_reduction(h, masks, self.abs_threshold, self.ratio, self.median, self._states)
-            if graph is not None and all(g is not graph for g, _ in self._rows.values()):
-                graph.restart()
-            self._graph = (key, graph)
-        return self._graph[1]
-
-    def _fused_for(self, h: torch.Tensor) -> fused_reduction.FusedReduction:
-        """The kernel's partials for ``h``'s shape, shared as :meth:`_graph_for`'s graphs are."""
-        key = (h.shape, h.dtype, h.device)
-        if self._fused is None or self._fused[0] != key:
-            fused = fused_reduction.shared(h, self._states, self.abs_threshold, self.ratio)
-            if all(g is not fused for g, _ in self._rows.values()):
-                fused.restart()
-            self._fused = (key, fused)
-        return self._fused[1]
+        last = self._last_source.get(kind)
+        if last is None or last[0] != key:
+            source = shared()
+            if source is not None and all(s is not source for s, _ in self._rows.values()):
+                source.restart()
+            last = self._last_source[kind] = (key, source)
+        return last[1]
 
     def _embedding_hook(self, module, args, kwargs):
         self._keep(-1, hidden_arg(args, kwargs))
@@ -435,7 +432,7 @@ class ResidualCapture:
         device = device_of(self.model)
         reduction = resolve_reduction(self.reduction, device)
         self.stats, self.embedding, self._packs, self._rows = {}, None, {}, {}
-        self._graph = self._fused = None
+        self._last_source = {}
         self.delim_index = delim_index
         plan = None if reduction == "reference" else ReductionPlan(attention_mask, delim_index)
         if plan is not None:

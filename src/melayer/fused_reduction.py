@@ -24,7 +24,6 @@ one pass would need one global atomic per value: measured 10x slower than this, 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import warnings
@@ -184,9 +183,7 @@ class FusedReduction:
             self.graph_result = self._finish_and_clear(*self.masks)
 
         try:
-            device = self.scratch.device
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                return record(finish, device)
+            return record(finish, self.scratch.device)
         except RuntimeError as err:
             warnings.warn(f"CUDA graph capture of the fused reduction's finish failed ({err}); finishing eagerly",
                           stacklevel=2)
