@@ -40,19 +40,15 @@ CARRIED_WIKI = ROOT / ".carry" / "data" / "wikitext2" / "wiki.test.raw"  # stage
 
 def load(spec: str, device: str):
     """(model, tokenizer); the random model has no tokenizer (its input is random token ids)."""
-    if spec == RANDOM_QWEN3_4B:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_wemask import random_qwen3_4b
-
-        return random_qwen3_4b(device, 0), None
-    if spec == RANDOM_SMOLLM2:
+    if spec in RANDOM:
         import transformers
 
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M),
-                                                                  dtype=torch.bfloat16)
-        return model.eval(), None
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_wemask import random_model, random_qwen3_4b
+
+        if spec == RANDOM_QWEN3_4B:
+            return random_qwen3_4b(device, 0), None
+        return random_model(transformers.LlamaConfig(**SMOLLM2_135M), device, 0), None
     from melayer import load_model
 
     return load_model(spec, device=device)
@@ -258,7 +254,8 @@ def main() -> None:
             row["differing_fields"] = differing_fields(outputs[name], reference)
         table[name] = row
     result = {
-        "model": args.model, "device": args.device, "tokens": args.tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "model": args.model, "device": args.device, "tokens": args.tokens, "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "load_first_s": first_load, "load_second_s": second_load,
         "forward_plain_s": med["plain"], "forward_capture_s": med["capture"], "reduction": shipped,
         "time_ratio": med["capture"] / med["plain"], "paired_ratio": table["capture"]["paired_ratio"],

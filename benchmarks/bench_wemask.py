@@ -48,13 +48,18 @@ QWEN3_4B = dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, 
                 rms_norm_eps=1e-6)
 
 
-def random_qwen3_4b(device: str, seed: int):
-    """Qwen3-4B shape, random bf16 weights, built on ``device`` (no CPU-side 8 GB initialisation)."""
+def random_model(config, device: str, seed: int):
+    """A model of ``config``'s shape, random bf16 weights, built on ``device`` (no CPU-side initialisation: 8 GB for
+    Qwen3-4B)."""
     torch.manual_seed(seed)
-    config = transformers.Qwen3Config(**QWEN3_4B)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
+
+
+def random_qwen3_4b(device: str, seed: int):
+    """Qwen3-4B shape, random bf16 weights."""
+    return random_model(transformers.Qwen3Config(**QWEN3_4B), device, seed)
 
 
 def make_batch(args, model, tokenizer, batch: int, device):
