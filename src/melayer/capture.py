@@ -343,8 +343,7 @@ class ResidualCapture:
         if median not in MEDIANS:
             raise ValueError(f"median must be one of {MEDIANS}, got {median!r}")
         if reduction == "fused" and not fused_reduction.available():
-            raise ValueError('reduction="fused" needs Triton >= 3.4 (it ships with CUDA builds of torch; '
-                             'pip install "triton>=3.4")')
+            raise ValueError(f'reduction="fused" {fused_reduction.NEEDS_TRITON}')
         self.model = model
         self.abs_threshold, self.ratio = abs_threshold, ratio
         self.reduction, self.median = reduction, median

@@ -46,6 +46,8 @@ def supports(h: torch.Tensor, states: int = 1) -> bool:
 
 
 MIN_TRITON = (3, 4)  # masked tl.histogram and triton.knobs (tested with 3.6)
+NEEDS_TRITON = 'needs Triton >= {0}.{1} (it ships with CUDA builds of torch; pip install "triton>={0}.{1}")'.format(
+    *MIN_TRITON)  # the one-line error where it is not available()
 DIRECT_LAUNCH_TRITON = ((3, 6),)  # the releases whose compiled-kernel launch signature was checked on a GPU
 
 
@@ -94,7 +96,7 @@ class FusedReduction:
             raise ValueError(f"the fused reduction reads 16-bit states ({DTYPES}) within 32-bit offsets, got "
                              f"{states} x {h.dtype} {tuple(h.shape)}")
         batch, self.tokens, self.dim = h.shape
-        self.states, self.dtype, self.used, self.plan = states, h.dtype, 0, None
+        self.states, self.dtype, self.plan = states, h.dtype, None
         self.abs_threshold, self.ratio = abs_threshold, ratio
         self.mant = MANTISSA_BITS[h.dtype]
         self.block_t, self.block_d = block_t, block_d

@@ -34,7 +34,7 @@ class ScanConfig:
         if self.reduction not in REDUCTIONS:
             raise MelayerError(f"scan reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.reduction == "fused" and not fused_reduction.available():
-            raise MelayerError('scan reduction "fused" needs Triton >= 3.4 (pip install "triton>=3.4")')
+            raise MelayerError(f'scan reduction "fused" {fused_reduction.NEEDS_TRITON}')
 
 
 @dataclass
